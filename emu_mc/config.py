@@ -1,0 +1,291 @@
+"""Typed job configuration: dataclasses loaded from YAML, overridable from the command line.
+
+    cfg = load_config("configs/tiny.yaml", ["--model.llm.num_layers", "2", "--train.steps=10"])
+
+Every field is checked once, at load: unknown keys, wrong types and values outside a field's allowed
+set raise ConfigError naming the dotted field and what is allowed. Cross-field rules live in
+`Config.validate`.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid; the message names the dotted field."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class VisionConfig:
+    """EVA-CLIP-style ViT (SPEC component 1). Output: all 1 + (image_size/patch_size)^2 tokens."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1408
+    num_layers: int = 40
+    num_heads: int = 16
+    mlp_hidden: int = 6144
+    norm_eps: float = 1e-6
+    freeze: bool = False
+
+
+@dataclass
+class ResamplerConfig:
+    """T5-decoder-style Causal Transformer (SPEC component 3)."""
+
+    num_queries: int = 32
+    d_model: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    d_kv: int = 64
+    d_ff: int = 3072
+    num_buckets: int = 32
+    max_distance: int = 128
+    dropout: float = 0.1
+    norm_eps: float = 1e-6
+    # auto: the Triton kernel on CUDA, the PyTorch reference elsewhere.
+    attention_impl: Literal["auto", "triton", "reference"] = "auto"
+    freeze: bool = False
+
+
+@dataclass
+class LLMConfig:
+    """LLaMA-style decoder run as a megatron-core GPTModel (SPEC component 4)."""
+
+    num_layers: int = 40
+    hidden_size: int = 5120
+    num_attention_heads: int = 40
+    num_query_groups: Optional[int] = None  # None = multi-head attention (no GQA)
+    ffn_hidden_size: int = 13824
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    # The vocabulary comes from the tokenizer; the embedding is padded to a multiple of this x TP.
+    make_vocab_size_divisible_by: int = 128
+    freeze: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Total = ce_weight * CE(text) + reg_weight * l2(visual) (SPEC "The objective")."""
+
+    ce_weight: float = 1.0
+    reg_weight: float = 1.0
+    # auto: the fused Triton loss on CUDA, the PyTorch reference elsewhere.
+    impl: Literal["auto", "triton", "reference"] = "auto"
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    # A local HF tokenizer directory; "tiny" means the small tokenizer shipped in emu_mc/assets.
+    tokenizer: str = "tiny"
+    init_std: float = 0.02
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class SourceConfig:
+    """One pretraining source: WebDataset shards of one kind, sampled with `weight`."""
+
+    kind: Literal["image_text", "interleaved", "video_text", "video_interleaved"] = "image_text"
+    shards: str = ""  # a path, a glob, or a brace pattern like data/laion-{000..009}.tar
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # synthetic: random tokens and images, no files (unit tests, quick smoke runs).
+    kind: Literal["synthetic", "webdataset"] = "synthetic"
+    sources: List[SourceConfig] = field(default_factory=list)
+    seq_length: int = 128
+    micro_batch_size: int = 2
+    frames_per_video: int = 8
+    decoder: Literal["auto", "dali", "pyav"] = "auto"
+    max_failure_fraction: float = 0.1
+    images_per_synthetic_sample: int = 1
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    # Microbatches per optimizer step and data-parallel rank (gradient accumulation).
+    num_microbatches: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    # Per-component learning-rate multipliers (vision encoder, resampler, LLM, heads).
+    lr_scale_vision: float = 1.0
+    lr_scale_resampler: float = 1.0
+    lr_scale_llm: float = 1.0
+    lr_scale_heads: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1234
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = 1
+    out_dir: str = "runs/default"
+    checkpoint_every: int = 0  # 0 = only at the end and on SIGTERM
+    keep_checkpoints: int = 2
+    max_consecutive_nonfinite: int = 5
+    recompute_activations: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        """Cross-field rules that a single field's type cannot express."""
+        v, r, llm = self.model.vision, self.model.resampler, self.model.llm
+        _require(v.image_size % v.patch_size == 0, "model.vision.image_size", "a multiple of patch_size")
+        _require(v.width % v.num_heads == 0, "model.vision.width", "divisible by model.vision.num_heads")
+        _require(llm.hidden_size % llm.num_attention_heads == 0, "model.llm.hidden_size",
+                 "divisible by model.llm.num_attention_heads")
+        if llm.num_query_groups is not None:
+            _require(llm.num_attention_heads % llm.num_query_groups == 0, "model.llm.num_query_groups",
+                     "a divisor of model.llm.num_attention_heads")
+        _require(self.data.seq_length <= llm.max_position_embeddings, "data.seq_length",
+                 f"<= model.llm.max_position_embeddings ({llm.max_position_embeddings})")
+        _require(self.data.seq_length >= r.num_queries + 3, "data.seq_length",
+                 f">= {r.num_queries + 3} (one image block: [IMG] + num_queries x <image> + [/IMG] + 1)")
+        for name in ("tensor_parallel", "pipeline_parallel", "num_microbatches"):
+            _require(getattr(self.parallel, name) >= 1, f"parallel.{name}", ">= 1")
+        _require(0.0 <= r.dropout < 1.0, "model.resampler.dropout", "in [0, 1)")
+        _require(0.0 <= self.data.max_failure_fraction <= 1.0, "data.max_failure_fraction", "in [0, 1]")
+        if self.data.kind == "webdataset":
+            _require(len(self.data.sources) > 0, "data.sources", "at least one source when data.kind is webdataset")
+        return self
+
+
+def _require(ok: bool, name: str, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: must be {allowed}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (int -> float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(item, args[0], f"{name}[{i}]") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown field; allowed here: {names}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(args: Sequence[str]) -> Dict[str, Any]:
+    """`--a.b 3 --c.d=x` -> {"a.b": 3, "c.d": "x"}; values are parsed as YAML scalars/lists."""
+    out: Dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"override {arg!r}: expected --dotted.field VALUE")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg}: missing value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+def config_from_dict(tree: Dict[str, Any]) -> Config:
+    return _build(Config, tree, "").validate()
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read YAML at `path` (or defaults), apply dotted CLI overrides, validate. Raises ConfigError."""
+    tree: Dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    for key, value in parse_overrides(list(overrides)).items():
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def config_to_dict(cfg: Config) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
