@@ -1,0 +1,1 @@
+"""The Emu model: vision encoder -> causal resampler -> megatron-core LLM -> mixed loss."""

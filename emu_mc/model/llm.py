@@ -1,0 +1,106 @@
+"""The multimodal LLM (SPEC component 4): a LLaMA-style megatron-core GPTModel.
+
+`build_llm` makes the GPTModel (local layer spec: RMSNorm, SwiGLU, RoPE, no biases) for this rank's
+tensor/pipeline shard. `llm_hidden_states` runs it from input embeddings (first stage) or from the
+pipeline's input tensor (later stages) to the final hidden states, without the output layer: the
+mixed loss applies the output layer itself, blockwise.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from emu_mc.config import LLMConfig
+from emu_mc.parallel import cpu_compat
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Round up so each of `tp` vocab shards has a multiple of `divisible_by` rows."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(cfg: LLMConfig, *, init_std: float, params_dtype=torch.float32,
+                       recompute: bool = False, tp: int = 1, pp: int = 1):
+    from megatron.core.transformer import TransformerConfig
+
+    extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=init_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        **extra,
+        **cpu_compat.megatron_cpu_config_overrides(),
+    )
+
+
+def build_llm(cfg: LLMConfig, vocab_size: int, *, init_std: float = 0.02, pre_process: bool = True,
+              post_process: bool = True, params_dtype=torch.float32, recompute: bool = False,
+              tp: int = 1, pp: int = 1):
+    """GPTModel for this rank. `vocab_size` is the padded size (see padded_vocab_size)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = transformer_config(cfg, init_std=init_std, params_dtype=params_dtype, recompute=recompute, tp=tp, pp=pp)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
+    )
+
+
+def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids [B, S] -> megatron attention mask [B, 1, S, S] bool, True = masked:
+    causal, and only within the same document (padding attends to itself only)."""
+    s = segment_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return ~(causal & same_doc)[:, None]
+
+
+def rotary_for_positions(llm, position_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token RoPE angles [S, B, 1, rot_dim] for position_ids [B, S] (positions restart per document)."""
+    table = llm.rotary_pos_emb(int(position_ids.max()) + 1)  # [P, 1, 1, rot_dim]
+    return table[:, 0, 0, :][position_ids.t()].unsqueeze(2)
+
+
+def llm_hidden_states(llm, decoder_input: Optional[torch.Tensor], position_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> torch.Tensor:
+    """decoder_input [S, B, H] (None on later pipeline stages: the schedule set the input tensor)
+    -> hidden [S, B, H]; after the final RMSNorm on the last stage."""
+    return llm.decoder(
+        hidden_states=decoder_input,
+        attention_mask=attention_mask,
+        rotary_pos_emb=rotary_for_positions(llm, position_ids),
+    )
+
+
+def output_weight(llm) -> torch.Tensor:
+    """This rank's output-layer (vocab shard) weight [V_local, H]; the embedding when tied."""
+    if llm.share_embeddings_and_output_weights:
+        return llm.shared_embedding_or_output_weight()
+    return llm.output_layer.weight

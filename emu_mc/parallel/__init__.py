@@ -1,0 +1,1 @@
+"""Parallel plumbing: process groups, the CPU compatibility layer for megatron-core."""
