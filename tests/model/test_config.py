@@ -1,0 +1,32 @@
+"""Config loading: defaults, dotted overrides, and errors that name the field and what is allowed."""
+import pytest
+
+from emu_mc.config import ConfigError, load_config
+
+
+def test_tiny_loads_and_overrides(tiny_cfg):
+    cfg = load_config("configs/tiny.yaml", ["--model.llm.num_layers", "3", "--train.steps=7", "--optim.lr", "1e-3"])
+    assert cfg.model.llm.num_layers == 3 and cfg.train.steps == 7 and cfg.optim.lr == 1e-3
+    assert tiny_cfg.model.llm.num_layers == 2
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["--model.llm.num_layerz", "2"], "model.llm.num_layerz: unknown field; allowed here: ['num_layers'"),
+    (["--model.loss.impl", "cuda"], "model.loss.impl: 'cuda' is not one of ['auto', 'triton', 'reference']"),
+    (["--train.steps", "many"], "train.steps: expected int, got 'many'"),
+    (["--model.vision.freeze", "3"], "model.vision.freeze: expected true/false"),
+    (["--parallel.tensor_parallel", "0"], "parallel.tensor_parallel: must be >= 1"),
+    (["--data.seq_length", "4096"], "data.seq_length: must be <= model.llm.max_position_embeddings"),
+    (["--model.llm.num_query_groups", "3"], "model.llm.num_query_groups: must be a divisor"),
+])
+def test_bad_values_name_the_field(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", override)
+    assert needle in str(err.value)
+
+
+def test_emu_14b_matches_spec():
+    cfg = load_config("configs/emu_14b.yaml")
+    assert (cfg.model.vision.width, cfg.model.vision.num_layers, cfg.model.vision.num_heads) == (1408, 40, 16)
+    assert (cfg.model.resampler.d_model, cfg.model.resampler.num_layers, cfg.model.resampler.num_queries) == (768, 12, 32)
+    assert (cfg.model.llm.hidden_size, cfg.model.llm.num_layers, cfg.model.llm.ffn_hidden_size) == (5120, 40, 13824)
