@@ -1,0 +1,89 @@
+"""Throughput and model-FLOPs utilisation (MFU), and the run's logs (console, JSONL, TensorBoard).
+
+FLOPs count matmuls only, 2 FLOPs per multiply-add, x3 for forward + backward (backward = 2x forward):
+  LLM, per token:        6 * P_llm + 12 * L * H * S           (P_llm: layer matmul weights; attention
+                                                               scores+values over the full S, PaLM's convention)
+  output layer, per token: 6 * V * H
+  ViT, per image:        6 * P_vit * T + 12 * L_v * W * T^2   (T = 1 + patches tokens)
+  resampler, per image:  6 * (P_q,o,ff * Q + P_kv_cross * T + P_kv_self * Q) + 12 * L_r * inner * (Q^2 + Q*T)
+  regression head, per image: 6 * H^2 * (Q + 1)              ((Q + 1) regression rows per image)
+MFU = achieved FLOP/s / (peak dense bf16 FLOP/s per device x devices). Peak table (NVIDIA datasheets,
+dense, no sparsity): H100 SXM 989 TF, H100 PCIe 756 TF, H200 989 TF, A100 312 TF, L40S 362 TF.
+On CPU no peak is known: MFU is reported as None.
+"""
+import json
+import os
+import time
+from typing import Dict, Optional
+
+import torch
+
+from emu_mc.config import ModelConfig
+
+PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def device_peak_flops() -> Optional[float]:
+    """Dense bf16 peak FLOP/s of this process's device, from PEAK_BF16_TFLOPS; None on CPU/unknown."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key.replace(" ", "").lower() in name.replace(" ", "").lower():
+            return PEAK_BF16_TFLOPS[key] * 1e12
+    return None
+
+
+def flops_per_token(cfg: ModelConfig, seq_length: int, vocab_size: int) -> float:
+    """Training FLOPs per LLM token (layers + output layer)."""
+    llm = cfg.llm
+    head_dim = llm.hidden_size // llm.num_attention_heads
+    kv = (llm.num_query_groups or llm.num_attention_heads) * head_dim
+    per_layer = llm.hidden_size * (2 * llm.hidden_size + 2 * kv) + 3 * llm.hidden_size * llm.ffn_hidden_size
+    return 6 * llm.num_layers * per_layer + 12 * llm.num_layers * llm.hidden_size * seq_length + 6 * vocab_size * llm.hidden_size
+
+
+def flops_per_image(cfg: ModelConfig) -> float:
+    """Training FLOPs per image: ViT + resampler + regression head rows."""
+    v, r, h = cfg.vision, cfg.resampler, cfg.llm.hidden_size
+    tokens = 1 + (v.image_size // v.patch_size) ** 2
+    vit_params = v.num_layers * (4 * v.width * v.width + 2 * v.width * v.mlp_hidden) + 3 * v.patch_size ** 2 * v.width
+    vit = 6 * vit_params * tokens + 12 * v.num_layers * v.width * tokens ** 2
+    inner, q = r.num_heads * r.d_kv, r.num_queries
+    per_query = r.num_layers * (4 * r.d_model * inner + 2 * r.d_model * inner + 2 * r.d_model * r.d_ff) + r.d_model * h
+    per_visual_token = r.num_layers * 2 * v.width * inner
+    res = 6 * (per_query * q + per_visual_token * tokens) + 12 * r.num_layers * inner * (q * q + q * tokens)
+    return vit + res + 6 * h * h * (q + 1)
+
+
+class RunLogger:
+    """Rank-0 logging: a console line per step, one JSON object per step in metrics.jsonl, and
+    TensorBoard scalars (when the tensorboard package is importable)."""
+
+    def __init__(self, out_dir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        except ImportError:
+            pass
+
+    def log(self, step: int, values: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and value is not None:
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
