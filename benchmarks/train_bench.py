@@ -1,0 +1,88 @@
+"""Training-step benchmark: step time, tokens/s, images/s, TFLOP/s and MFU for one config and layout,
+with the fused kernels on and off, side by side in one run.
+
+    python benchmarks/train_bench.py                                  # CPU: tiny config, 1 process
+    python benchmarks/train_bench.py --config configs/bench_1b.yaml --nproc 1 --steps 30   # one GPU
+
+Each variant is a real `emu_mc/pretrain.py` run (torchrun when --nproc > 1) into a fresh out_dir;
+numbers are medians over the steps after --warmup. Prints a table and writes JSON to --out.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VARIANTS = {
+    "fused (triton attention + triton loss)": ["--model.resampler.attention_impl", "triton", "--model.loss.impl", "triton"],
+    "reference (PyTorch attention + loss)": ["--model.resampler.attention_impl", "reference", "--model.loss.impl", "reference"],
+}
+
+
+def run_variant(config, nproc, steps, extra, out_dir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
+        else [sys.executable]
+    cmd += [os.path.join(ROOT, "emu_mc", "pretrain.py"), "--config", config, "--train.steps", str(steps),
+            "--train.out_dir", out_dir, "--train.checkpoint_every", "0", "--train.log_every", str(steps)] + extra
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def summarise(rows, warmup):
+    timed = rows[warmup:] or rows
+    med = lambda key: statistics.median(r[key] for r in timed) if timed[0].get(key) is not None else None
+    return {k: med(k) for k in ("step_time_s", "tokens_per_s", "images_per_s", "tflops_per_device", "mfu")} | {
+        "final_loss": rows[-1]["loss"], "steps_timed": len(timed)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"))
+    parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_bench_<device>.json)")
+    args = parser.parse_args()
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    variants = VARIANTS if cuda else {k: v for k, v in VARIANTS.items() if k.startswith("reference")}
+    if not cuda:
+        print("no CUDA device: timing the PyTorch reference path only (Triton kernels are GPU-only outside the interpreter)")
+    results = {}
+    for name, extra in variants.items():
+        with tempfile.TemporaryDirectory() as out_dir:
+            results[name] = summarise(run_variant(args.config, args.nproc, args.steps, extra, out_dir), args.warmup)
+
+    print(f"\ntrain_bench: {os.path.relpath(args.config, ROOT)}, {args.nproc} process(es), {device}")
+    header = f"{'variant':42s} {'step s':>8s} {'tok/s':>10s} {'img/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s}"
+    print(header + "\n" + "-" * len(header))
+    for name, r in results.items():
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        print(f"{name:42s} {r['step_time_s']:8.3f} {r['tokens_per_s']:10.0f} {r['images_per_s']:8.1f} "
+              f"{r['tflops_per_device']:8.3f} {mfu:>6s}")
+    if len(results) == 2:
+        fused, ref = results.values()
+        print(f"speed-up fused / reference: {ref['step_time_s'] / fused['step_time_s']:.2f}x")
+
+    record = {"bench": "train", "config": os.path.relpath(args.config, ROOT), "nproc": args.nproc, "device": device,
+              "torch": torch.__version__, "date": datetime.date.today().isoformat(), "results": results}
+    out = args.out or os.path.join(ROOT, "benchmarks", "results",
+                                   f"train_bench_{'cuda' if cuda else 'cpu'}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
