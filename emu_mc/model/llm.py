@@ -53,12 +53,20 @@ def transformer_config(cfg: LLMConfig, *, init_std: float, params_dtype=torch.fl
 
 def build_llm(cfg: LLMConfig, vocab_size: int, *, init_std: float = 0.02, pre_process: bool = True,
               post_process: bool = True, params_dtype=torch.float32, recompute: bool = False,
-              tp: int = 1, pp: int = 1):
-    """GPTModel for this rank. `vocab_size` is the padded size (see padded_vocab_size)."""
+              tp: int = 1, pp: int = 1, config=None):
+    """GPTModel for this rank. `vocab_size` is the padded size (see padded_vocab_size).
+
+    Tensor parallel (tp > 1): vocab-parallel embedding and output layer, column-parallel QKV and
+    fc1, row-parallel proj and fc2 (megatron-core). Pipeline parallel (pp > 1): this stage builds
+    num_layers / pp layers; the embedding only when pre_process, final norm and output layer only
+    when post_process. `config` (a TransformerConfig) overrides the one built from `cfg`.
+    """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    config = transformer_config(cfg, init_std=init_std, params_dtype=params_dtype, recompute=recompute, tp=tp, pp=pp)
+    if config is None:
+        config = transformer_config(cfg, init_std=init_std, params_dtype=params_dtype, recompute=recompute,
+                                    tp=tp, pp=pp)
     return GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
