@@ -98,10 +98,17 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    """One pretraining source: WebDataset shards of one kind, sampled with `weight`."""
+    """One pretraining source: WebDataset tar shards of one kind, sampled with `weight`.
+
+    Kinds (sample layouts in emu_mc/data/sources.py): image_text (LAION: jpg|png|webp + txt|json),
+    interleaved (MMC4: json text_list/image_info + images), video_text (WebVid: mp4|webm + txt|json),
+    video_interleaved (YT-Storyboard: {i}.jpg|png frames, {i}.txt subtitles, json timestamps).
+    """
 
     kind: Literal["image_text", "interleaved", "video_text", "video_interleaved"] = "image_text"
-    shards: str = ""  # a path, a glob, or a brace pattern like data/laion-{000..009}.tar
+    # Local tar files: a path, a glob, or a brace pattern like data/laion-{000000..000009}.tar;
+    # several patterns may be joined with "::".
+    shards: str = ""
     weight: float = 1.0
 
 
@@ -112,9 +119,18 @@ class DataConfig:
     sources: List[SourceConfig] = field(default_factory=list)
     seq_length: int = 128
     micro_batch_size: int = 2
+    # Frames sampled uniformly from each video_text clip, one image block each (the released model: 8).
     frames_per_video: int = 8
-    decoder: Literal["auto", "dali", "pyav"] = "auto"
+    # auto: dali_gpu when CUDA is available, else cpu. cpu: PIL for images, PyAV for video.
+    # dali_cpu: DALI's CPU operators (VP8/VP9/MJPEG video; H.264/MPEG-4 still go through PyAV).
+    # dali_gpu: nvJPEG + NVDEC + resize/normalise on the GPU.
+    decoder: Literal["auto", "cpu", "dali_cpu", "dali_gpu"] = "auto"
+    num_workers: int = 2  # decode threads; 0 decodes in the calling thread
+    prefetch: int = 4  # samples decoded ahead, per source
+    # Stop with an error once more than this fraction of the samples read were skipped as bad,
+    # checked after `failure_check_after` samples.
     max_failure_fraction: float = 0.1
+    failure_check_after: int = 100
     images_per_synthetic_sample: int = 1
 
 
@@ -185,8 +201,18 @@ class Config:
             _require(getattr(self.parallel, name) >= 1, f"parallel.{name}", ">= 1")
         _require(0.0 <= r.dropout < 1.0, "model.resampler.dropout", "in [0, 1)")
         _require(0.0 <= self.data.max_failure_fraction <= 1.0, "data.max_failure_fraction", "in [0, 1]")
-        if self.data.kind == "webdataset":
-            _require(len(self.data.sources) > 0, "data.sources", "at least one source when data.kind is webdataset")
+        d = self.data
+        _require(d.micro_batch_size >= 1, "data.micro_batch_size", ">= 1")
+        _require(d.frames_per_video >= 1, "data.frames_per_video", ">= 1")
+        _require(d.num_workers >= 0, "data.num_workers", ">= 0")
+        _require(d.prefetch >= 1, "data.prefetch", ">= 1")
+        _require(d.failure_check_after >= 1, "data.failure_check_after", ">= 1")
+        if d.kind == "webdataset":
+            _require(len(d.sources) > 0, "data.sources", "at least one source when data.kind is webdataset")
+            for i, src in enumerate(d.sources):
+                _require(src.shards.strip() != "", f"data.sources[{i}].shards", "a path, glob or brace pattern")
+                _require(src.weight >= 0.0, f"data.sources[{i}].weight", ">= 0")
+            _require(sum(src.weight for src in d.sources) > 0, "data.sources", "at least one source with weight > 0")
         return self
 
 
