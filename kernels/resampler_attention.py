@@ -6,12 +6,26 @@ T5 decoder); the bias added to score (i, j) is rel_bias[bucket(j - i), h].
 `causal` masks key j for query i when j > i (top-left aligned: query i sees keys 0..i).
 Scores are `scale * q @ k^T` (T5 uses scale 1.0: its init absorbs 1/sqrt(D)).
 
-This file holds the plain PyTorch reference (the fallback and the ground truth of the tests).
+This file holds the plain PyTorch reference (the fallback and the ground truth of the tests) and the
+fused Triton op `resampler_attention` (same signature and semantics):
+  forward   one program per (batch*head, query block): the query block stays in registers, key blocks
+            stream through an online softmax (exp2 domain, fp32 statistics and accumulator); the T5
+            bucket of each (i, j) is computed in-kernel from j - i and the [num_buckets, H] table is
+            gathered directly, so no [H, Lq, Lk] bias exists. Saves the row logsumexp.
+  backward  one program per (batch*head): streams key blocks once, recomputes P from the logsumexp,
+            writes dK/dV per key block and keeps dQ in registers (Lq <= 64, the resampler's case) or
+            in an fp32 buffer it owns (longer Lq). dBias: per tile, dScores are summed along diagonals
+            (one bucket per diagonal) then per bucket; each program adds its [num_buckets] partial sums
+            to an fp32 [num_buckets, H] buffer with one atomic add.
+All of a layer's images and heads run in one launch; any Lq, Lk >= 1 and D <= 256 (padded to a power
+of two with masked loads).
 """
 import math
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
 
 def relative_position_bucket(
@@ -62,3 +76,330 @@ def resampler_attention_reference(
         scores = scores.masked_fill(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634  # scores are kept in the exp2 domain inside the kernels
+
+
+@triton.jit
+def _relative_bucket(rel_pos, LOG_MAX_RATIO, NUM_BUCKETS: tl.constexpr):
+    """`relative_position_bucket` for an int32 tensor rel_pos = key_pos - query_pos, with the same
+    fp32 operations (IEEE division, log, truncation toward zero). LOG_MAX_RATIO is the fp32 value of
+    log(max_distance / (NUM_BUCKETS // 2))."""
+    MAX_EXACT: tl.constexpr = NUM_BUCKETS // 2
+    n = tl.maximum(-rel_pos, 0)
+    ratio = tl.math.div_rn(tl.maximum(n, 1).to(tl.float32), MAX_EXACT * 1.0)
+    log_ratio = tl.math.div_rn(tl.log(ratio), LOG_MAX_RATIO)
+    large = MAX_EXACT + (log_ratio * (NUM_BUCKETS - MAX_EXACT)).to(tl.int32)
+    return tl.where(n < MAX_EXACT, n, tl.minimum(large, NUM_BUCKETS - 1))
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, h, Lk, qk_scale, BIAS, stride_bias_k, stride_bias_h, LOG_MAX_RATIO,
+            CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """log2-domain scores [BLOCK_M, BLOCK_N] of one tile: (scale * q k^T + bias) * log2(e), -inf where
+    masked (key j >= Lk, or j > i when causal)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    rel_pos = offs_n[None, :] - offs_m[:, None]
+    if HAS_BIAS:
+        bucket = _relative_bucket(rel_pos, LOG_MAX_RATIO, NUM_BUCKETS)
+        bias = tl.load(BIAS + bucket * stride_bias_k + h * stride_bias_h).to(tl.float32)
+        s += bias * 1.4426950408889634  # log2(e), as _LOG2E
+    keep = offs_n[None, :] < Lk
+    if CAUSAL:
+        keep = keep & (rel_pos <= 0)
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _resampler_attention_fwd_kernel(
+    Q, K, V, O, LSE, BIAS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_bias_k, stride_bias_h,
+    H, Lq, Lk, D, qk_scale, LOG_MAX_RATIO,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (B * H, cdiv(Lq, BLOCK_M)). Writes O [B, H, Lq, D] (q dtype) and LSE [B * H, Lq] (fp32, log2
+    domain)."""
+    bh = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < Lq
+    d_valid = offs_d < D
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    # Key 0 is visible to every row, causal or not, so after the first block every row max is finite.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_end = Lk
+    if CAUSAL:
+        n_end = tl.minimum(Lk, start_m + BLOCK_M)
+    for start_n in range(0, n_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < Lk) & d_valid[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        s = _scores(q, k, offs_m, offs_n, h, Lk, qk_scale, BIAS, stride_bias_k, stride_bias_h, LOG_MAX_RATIO,
+                    CAUSAL, HAS_BIAS, NUM_BUCKETS, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             acc.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    tl.store(LSE + bh * Lq + offs_m, m_i + tl.log2(l_i), mask=m_valid)
+
+
+@triton.jit
+def _load_query_block(Q, O, DO, LSE, q_base, o_base, do_base, bh, offs_m, offs_d, Lq, D,
+                      stride_qm, stride_qd, stride_om, stride_od, stride_dom, stride_dod):
+    """q, dO [BLOCK_M, BLOCK_D] (input dtype), lse and delta = rowsum(dO * O) [BLOCK_M] (fp32). Rows
+    past Lq get lse = +inf, so their recomputed probabilities are 0."""
+    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+    q = tl.load(Q + q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
+    o = tl.load(O + o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _bucket_sums(ds, start_m, start_n, LOG_MAX_RATIO, NUM_BUCKETS: tl.constexpr, NB_BLOCK: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG_BLOCK: tl.constexpr):
+    """[NB_BLOCK] sums of the fp32 tile ds [BLOCK_M, BLOCK_N] per bucket. Every diagonal of the tile has
+    one relative position, so: skew the tile (column c of row r holds ds[r, r - c + BLOCK_N - 1]), sum
+    its columns (diagonal sums; DIAG_BLOCK >= BLOCK_M + BLOCK_N - 1), then the diagonals of each bucket."""
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    diag = tl.arange(0, DIAG_BLOCK)
+    cols = rows - diag[None, :] + (BLOCK_N - 1)
+    skewed = tl.gather(ds, tl.minimum(tl.maximum(cols, 0), BLOCK_N - 1), 1)
+    diag_sums = tl.sum(tl.where((cols >= 0) & (cols < BLOCK_N), skewed, 0.0), 0)
+    bucket = _relative_bucket(start_n - start_m + (BLOCK_N - 1) - diag, LOG_MAX_RATIO, NUM_BUCKETS)
+    one_hot = bucket[:, None] == tl.arange(0, NB_BLOCK)[None, :]
+    return tl.sum(tl.where(one_hot, diag_sums[:, None], 0.0), 0)
+
+
+@triton.jit
+def _resampler_attention_bwd_kernel(
+    Q, K, V, O, DO, LSE, BIAS, DQ, DK, DV, DBIAS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_bias_k, stride_bias_h,
+    H, Lq, Lk, D, scale, qk_scale, LOG_MAX_RATIO,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_BLOCK: tl.constexpr,
+    DIAG_BLOCK: tl.constexpr, ONE_M_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid (B * H,). Writes dK, dV (input dtype) and dQ: input dtype when ONE_M_BLOCK (Lq <= BLOCK_M),
+    else accumulated into a zeroed fp32 DQ that only this program touches. Adds the program's dBias
+    partial sums into the zeroed fp32 DBIAS [NUM_BUCKETS, H]."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    q_base = b * stride_qb + h * stride_qh
+    o_base = b * stride_ob + h * stride_oh
+    do_base = b * stride_dob + h * stride_doh
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dk_base = DK + b * stride_dkb + h * stride_dkh
+    dv_base = DV + b * stride_dvb + h * stride_dvh
+
+    dbias_acc = tl.zeros([NB_BLOCK], tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    if ONE_M_BLOCK:
+        q, do, lse, delta = _load_query_block(Q, O, DO, LSE, q_base, o_base, do_base, bh, offs_m, offs_d, Lq, D,
+                                              stride_qm, stride_qd, stride_om, stride_od, stride_dom, stride_dod)
+        dq_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    for start_n in range(0, Lk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < Lk) & d_valid[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        m_start = 0
+        if CAUSAL:
+            m_start = (start_n // BLOCK_M) * BLOCK_M  # earlier query blocks see none of these keys
+        for start_m in range(m_start, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            if not ONE_M_BLOCK:
+                q, do, lse, delta = _load_query_block(Q, O, DO, LSE, q_base, o_base, do_base, bh, offs_m, offs_d,
+                                                      Lq, D, stride_qm, stride_qd, stride_om, stride_od,
+                                                      stride_dom, stride_dod)
+            s = _scores(q, k, offs_m, offs_n, h, Lk, qk_scale, BIAS, stride_bias_k, stride_bias_h, LOG_MAX_RATIO,
+                        CAUSAL, HAS_BIAS, NUM_BUCKETS, DOT_PRECISION)
+            p = tl.exp2(s - lse[:, None])
+            dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])  # d loss / d (scale * q k^T + bias), fp32
+            dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            dq_tile = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            if ONE_M_BLOCK:
+                dq_acc += dq_tile
+            else:
+                dq_ptrs = dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+                dq_mask = (offs_m[:, None] < Lq) & d_valid[None, :]
+                tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq_tile * scale, mask=dq_mask)
+            if HAS_BIAS:
+                dbias_acc += _bucket_sums(ds, start_m, start_n, LOG_MAX_RATIO, NUM_BUCKETS, NB_BLOCK, BLOCK_M, BLOCK_N,
+                                          DIAG_BLOCK)
+        tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                 (dk_acc * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+                 dv_acc.to(DV.dtype.element_ty), mask=kv_mask)
+
+    if ONE_M_BLOCK:
+        offs_m = tl.arange(0, BLOCK_M)
+        tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                 (dq_acc * scale).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & d_valid[None, :])
+    if HAS_BIAS:
+        offs_b = tl.arange(0, NB_BLOCK)
+        tl.atomic_add(DBIAS + offs_b * H + h, dbias_acc, mask=offs_b < NUM_BUCKETS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers and autograd
+# --------------------------------------------------------------------------------------------------
+
+_MAX_BLOCK_M = 64  # the resampler's Lq (32) fits one query block: dQ stays in registers in backward
+
+
+def _block_sizes(q_len: int, k_len: int, head_dim: int, block_n_max: int):
+    block_m = min(_MAX_BLOCK_M, max(16, triton.next_power_of_2(q_len)))
+    block_n = min(block_n_max, max(16, triton.next_power_of_2(k_len)))
+    return block_m, block_n, max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32, like torch.matmul
+
+
+def _bias_args(rel_bias: Optional[torch.Tensor], q: torch.Tensor, max_distance: int):
+    """(table, stride_bucket, stride_head, num_buckets, log(max_distance / max_exact)) kernel arguments."""
+    if rel_bias is None:
+        return q, 0, 0, 1, 0.0  # dummy pointer, never read
+    num_buckets = rel_bias.shape[0]
+    return rel_bias, *rel_bias.stride(), num_buckets, math.log(max_distance / (num_buckets // 2))
+
+
+def _forward(q, k, v, rel_bias, causal, max_distance, scale):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    block_m, block_n, block_d = _block_sizes(Lq, Lk, D, block_n_max=64 if D <= 64 else 32)
+    o = torch.empty_like(q)  # keeps q's memory layout, e.g. [B, Lq, H, D] viewed as [B, H, Lq, D]
+    lse = torch.empty(B * H, Lq, device=q.device, dtype=torch.float32)
+    bias, stride_bias_k, stride_bias_h, num_buckets, log_max_ratio = _bias_args(rel_bias, q, max_distance)
+    _resampler_attention_fwd_kernel[(B * H, triton.cdiv(Lq, block_m))](
+        q, k, v, o, lse, bias,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), stride_bias_k, stride_bias_h,
+        H, Lq, Lk, D, scale * _LOG2E, log_max_ratio,
+        CAUSAL=causal, HAS_BIAS=rel_bias is not None, NUM_BUCKETS=num_buckets,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4,
+    )
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, rel_bias, causal, max_distance, scale):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    block_m, block_n, block_d = _block_sizes(Lq, Lk, D, block_n_max=32)
+    one_m_block = Lq <= block_m
+    dq = torch.empty_like(q) if one_m_block else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    bias, stride_bias_k, stride_bias_h, num_buckets, log_max_ratio = _bias_args(rel_bias, q, max_distance)
+    dbias = torch.zeros(num_buckets, H, device=q.device, dtype=torch.float32) if rel_bias is not None else lse
+    _resampler_attention_bwd_kernel[(B * H,)](
+        q, k, v, o, do, lse, bias, dq, dk, dv, dbias,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
+        *dq.stride(), *dk.stride(), *dv.stride(), stride_bias_k, stride_bias_h,
+        H, Lq, Lk, D, scale, scale * _LOG2E, log_max_ratio,
+        CAUSAL=causal, HAS_BIAS=rel_bias is not None, NUM_BUCKETS=num_buckets,
+        NB_BLOCK=triton.next_power_of_2(num_buckets), DIAG_BLOCK=2 * max(block_m, block_n), ONE_M_BLOCK=one_m_block,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4,
+    )
+    dbias = dbias.to(rel_bias.dtype) if rel_bias is not None else None
+    return dq.to(q.dtype), dk, dv, dbias
+
+
+class ResamplerAttentionFunction(torch.autograd.Function):
+    """Fused resampler attention; see `resampler_attention`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rel_bias, causal, max_distance, scale):
+        o, lse = _forward(q, k, v, rel_bias, causal, max_distance, scale)
+        ctx.save_for_backward(q, k, v, o, lse, rel_bias)
+        ctx.causal, ctx.max_distance, ctx.scale = causal, max_distance, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, rel_bias = ctx.saved_tensors
+        dq, dk, dv, dbias = _backward(do, q, k, v, o, lse, rel_bias, ctx.causal, ctx.max_distance, ctx.scale)
+        return dq, dk, dv, dbias, None, None, None
+
+
+def resampler_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    rel_bias: Optional[torch.Tensor] = None,
+    max_distance: int = 128,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Fused Triton resampler attention, same signature and semantics as `resampler_attention_reference`.
+
+    q [B, H, Lq, D], k/v [B, H, Lk, D]: one dtype (fp16, bf16 or fp32), any strides, D <= 256.
+    rel_bias: optional bucket table [num_buckets, H] (any float dtype; its gradient comes back in it).
+    Returns [B, H, Lq, D] in q's dtype and memory layout. CUDA tensors, or CPU under TRITON_INTERPRET=1.
+    """
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"expected q [B, H, Lq, D] and k, v [B, H, Lk, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[3] > 256:
+        raise ValueError(f"need Lq >= 1, Lk >= 1 and D <= 256; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if rel_bias is not None and (rel_bias.dim() != 2 or rel_bias.shape[1] != q.shape[1] or rel_bias.shape[0] < 2
+                                 or max_distance <= rel_bias.shape[0] // 2):
+        raise ValueError(f"rel_bias must be [num_buckets >= 2, H={q.shape[1]}] with max_distance > num_buckets // 2; "
+                         f"got {tuple(rel_bias.shape)}, max_distance={max_distance}")
+    if not q.is_cuda and isinstance(_resampler_attention_fwd_kernel, triton.JITFunction):
+        raise RuntimeError("resampler_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before import); "
+                           "use resampler_attention_reference on CPU")
+    return ResamplerAttentionFunction.apply(q, k, v, rel_bias, causal, max_distance, scale)
