@@ -1,0 +1,34 @@
+"""Launch a worker script under `torchrun` (gloo on CPU) from pytest and surface its failures.
+
+Workers are plain scripts; they write what the test checks (tensors, JSON) under an output
+directory the test passes on their command line. A worker that fails or hangs fails the test with
+the tail of every rank's output.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(script: str, args: Sequence[str] = (), *, nproc: int = 2, timeout: float = 300,
+             env: Optional[Dict[str, str]] = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `script` (a path relative to the repo root) on `nproc` local processes.
+
+    Returns the finished process (stdout and stderr merged in `.stdout`); raises AssertionError with
+    the output's tail when it exits non-zero (if `check`) or runs past `timeout` seconds.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO_ROOT / script), *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        raise AssertionError(f"{' '.join(cmd)} ran past {timeout}s:\n{out[-6000:]}") from None
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
+    return proc
