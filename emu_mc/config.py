@@ -143,6 +143,9 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     # Microbatches per optimizer step and data-parallel rank (gradient accumulation).
     num_microbatches: int = 1
+    # Shard optimizer state and fp32 main weights across data-parallel ranks (megatron-core
+    # DistributedOptimizer); off: every DP rank keeps a full copy.
+    distributed_optimizer: bool = True
 
 
 @dataclass
@@ -155,11 +158,17 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    # Per-component learning-rate multipliers (vision encoder, resampler, LLM, heads).
+    # Per-component multipliers of lr and weight_decay: vision encoder (+ ln_visual), resampler,
+    # LLM, heads (regression head; the LM output layer belongs to the LLM). Norm weights and biases
+    # never decay.
     lr_scale_vision: float = 1.0
     lr_scale_resampler: float = 1.0
     lr_scale_llm: float = 1.0
     lr_scale_heads: float = 1.0
+    wd_scale_vision: float = 1.0
+    wd_scale_resampler: float = 1.0
+    wd_scale_llm: float = 1.0
+    wd_scale_heads: float = 1.0
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from emu_mc.batch import Batch
@@ -51,6 +52,7 @@ class EmuModel(MegatronModule):
         config = transformer_config(cfg.llm, init_std=cfg.init_std, params_dtype=params_dtype,
                                     recompute=recompute, tp=tp, pp=pp)
         super().__init__(config=config)  # megatron's DDP, schedules and checkpointing read .config
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.cfg, self.ids, self.vocab_size = cfg, ids, vocab_size
         self.pre_process, self.post_process = pre_process, post_process
         self.reg_target_channel = None  # set by emu_mc.parallel.pipeline when PP > 1
@@ -84,6 +86,15 @@ class EmuModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         """Called by megatron's pipeline schedules: the activation received from the previous stage."""
         self.llm.set_input_tensor(input_tensor)
+
+    # megatron's finalize_model_grads finds the module holding `pre_process` (this one) and asks it
+    # about the word embedding, to all-reduce tied embedding grads between first and last stage.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.llm.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.llm.shared_embedding_or_output_weight()
 
     @property
     def tp_size(self) -> int:

@@ -9,7 +9,9 @@ is absent, exactly what a LLaMA-style GPTModel with the local layer spec needs (
   3. the model-parallel RNG tracker keeps CPU generator states (`torch.cuda.{get,set}_rng_state`,
      `torch.cuda.manual_seed` act on the CPU generator), seeded per TP rank as
      `model_parallel_cuda_manual_seed` does;
-  4. the TransformerConfig must set use_cpu_initialization=True, gradient_accumulation_fusion=False
+  4. `Tensor.type()` (no argument) names CPU tensors as CUDA ones ('torch.cuda.FloatTensor'): the
+     optimizers (distributed and float16) accept only parameters whose type string says CUDA;
+  5. the TransformerConfig must set use_cpu_initialization=True, gradient_accumulation_fusion=False
      and all fusions off: `megatron_cpu_config_overrides()` returns those fields.
 With CUDA present, `enable()` does nothing and megatron runs unmodified.
 """
@@ -70,6 +72,15 @@ def enable() -> bool:
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    _tensor_type = torch.Tensor.type
+
+    def _type_as_cuda(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = _tensor_type(self)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        return _tensor_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = _type_as_cuda
 
     from megatron.core.tensor_parallel import random as mp_random
 
