@@ -46,14 +46,19 @@ def relative_position_bucket(
     return torch.where(is_small, n, large).to(torch.long)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 def relative_bias_matrix(
     rel_bias: torch.Tensor, q_len: int, k_len: int, *, max_distance: int = 128
 ) -> torch.Tensor:
-    """Expand the bucket table [num_buckets, H] to the dense bias [H, q_len, k_len] (fp32)."""
+    """Expand the bucket table [num_buckets, H] to the dense bias [H, q_len, k_len] (fp32, or fp64 for an
+    fp64 table)."""
     q_pos = torch.arange(q_len, device=rel_bias.device)[:, None]
     k_pos = torch.arange(k_len, device=rel_bias.device)[None, :]
     buckets = relative_position_bucket(k_pos - q_pos, num_buckets=rel_bias.shape[0], max_distance=max_distance)
-    return rel_bias.float()[buckets].permute(2, 0, 1)
+    return rel_bias.to(_compute_dtype(rel_bias.dtype))[buckets].permute(2, 0, 1)
 
 
 def resampler_attention_reference(
@@ -66,16 +71,18 @@ def resampler_attention_reference(
     max_distance: int = 128,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """Eager attention, fp32 softmax. See the module docstring for shapes and semantics."""
+    """Eager attention computed in fp32 (fp64 for fp64 inputs, so it can be gradchecked). See the module
+    docstring for shapes and semantics."""
     q_len, k_len = q.shape[-2], k.shape[-2]
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
+    dtype = _compute_dtype(q.dtype)
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
     if rel_bias is not None:
         scores = scores + relative_bias_matrix(rel_bias, q_len, k_len, max_distance=max_distance)
     if causal:
         future = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    return torch.matmul(probs.to(dtype), v.to(dtype)).to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------------

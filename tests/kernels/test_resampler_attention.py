@@ -1,0 +1,256 @@
+"""Fused resampler attention (Triton) against the PyTorch reference: forward and the gradients of q, k,
+v and the T5 bucket table. Without CUDA the kernels run under the Triton interpreter (see conftest), which
+is slow, so the shape grid is a covering set: every pair of values of any two axes appears in some case
+(checked by `test_shape_grid_covers_every_pair`), plus the two Emu shapes and targeted edge cases.
+"""
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from emu_mc.config import ResamplerConfig
+from emu_mc.kernels.resampler_attention import resampler_attention, resampler_attention_reference
+from emu_mc.model.resampler import CausalResampler
+
+# (atol, rtol) per input dtype, against the reference run in fp32 on the same (rounded) inputs.
+# fp32: the kernel does exact-IEEE fp32 dots with fp32 softmax statistics, so only summation order
+# differs. fp16/bf16: P and dS are rounded to the input dtype before the PV / dS K / dS^T Q dots, as in
+# flash-attention; the bias-table gradient is an fp32 sum in both and is held to the same bound.
+TOLERANCES = {
+    torch.float32: (2e-5, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+AXES = {
+    "Lq": [1, 7, 32, 33],
+    "Lk": [32, 257, 300],
+    "D": [32, 64, 88],
+    "H": [1, 12],
+    "causal": [False, True],
+    "bias": [False, True],
+    "dtype": [torch.float32, torch.float16],
+}
+# (B, Lq, Lk, D, H, causal, bias, dtype); B is kept small, since the interpreter runs programs one by one.
+SHAPE_GRID = [
+    (2, 1, 32, 32, 1, False, True, torch.float16),
+    (2, 1, 257, 64, 1, True, False, torch.float32),
+    (1, 1, 300, 88, 12, False, False, torch.float32),
+    (2, 7, 32, 88, 1, False, False, torch.float32),
+    (2, 7, 257, 32, 1, True, False, torch.float16),
+    (1, 7, 300, 64, 12, True, True, torch.float16),
+    (2, 32, 32, 64, 1, False, True, torch.float32),
+    (1, 32, 257, 88, 12, False, True, torch.float32),
+    (2, 32, 300, 32, 1, True, False, torch.float16),
+    (1, 33, 32, 88, 12, True, True, torch.float16),
+    (1, 33, 257, 32, 12, False, True, torch.float32),
+    (2, 33, 300, 64, 1, True, False, torch.float32),
+]
+# Emu's two resampler attentions: causal self-attention with bias over 32 queries, cross-attention to
+# 257 visual tokens without bias (B is the number of images in the micro-batch).
+EMU_SHAPES = [
+    (2, 32, 32, 64, 12, True, True),
+    (2, 32, 257, 64, 12, False, False),
+]
+
+
+def make_inputs(B, H, Lq, Lk, D, dtype, device, *, bias, num_buckets=32, bias_dtype=torch.float32, seed=0):
+    """q [B, H, Lq, D], k/v [B, H, Lk, D] in `dtype`, bucket table [num_buckets, H] in `bias_dtype` (or
+    None); all leaves requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape, dtype=dtype):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+
+    rel_bias = leaf(num_buckets, H, dtype=bias_dtype) if bias else None
+    return leaf(B, H, Lq, D), leaf(B, H, Lk, D), leaf(B, H, Lk, D), rel_bias
+
+
+def run_with_grads(attention, q, k, v, rel_bias, do, **kwargs):
+    """Output and the grads of (q, k, v[, rel_bias]) for the upstream gradient `do`."""
+    out = attention(q, k, v, rel_bias=rel_bias, **kwargs)
+    leaves = [t for t in (q, k, v, rel_bias) if t is not None]
+    return out, torch.autograd.grad(out, leaves, do)
+
+
+def fp32_reference(q, k, v, rel_bias, do, **kwargs):
+    """The reference on fp32 copies of the same inputs: output and grads, all fp32."""
+    leaves = [t.detach().float().requires_grad_() if t is not None else None for t in (q, k, v, rel_bias)]
+    return run_with_grads(resampler_attention_reference, *leaves, do.float(), **kwargs)
+
+
+def assert_matches_reference(q, k, v, rel_bias, tol, *, do=None, **kwargs):
+    """Kernel vs fp32 reference, forward and every gradient, each held to tol = (atol, rtol) and named on
+    failure. `do` defaults to a random upstream gradient."""
+    atol, rtol = tol
+    do = torch.randn_like(q) if do is None else do
+    out, grads = run_with_grads(resampler_attention, q, k, v, rel_bias, do, **kwargs)
+    want_out, want_grads = fp32_reference(q, k, v, rel_bias, do, **kwargs)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    names = ["out", "dq", "dk", "dv", "dbias"]
+    for name, got, want in zip(names, (out, *grads), (want_out, *want_grads)):
+        torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def case_id(case) -> str:
+    B, Lq, Lk, D, H, causal, bias, *dtype = case
+    tags = ["causal" if causal else "full", "bias" if bias else "nobias"] + [str(d).split(".")[-1] for d in dtype]
+    return f"B{B}-Lq{Lq}-Lk{Lk}-D{D}-H{H}-" + "-".join(tags)
+
+
+def test_shape_grid_covers_every_pair():
+    """Every value of every axis, and every pair of values of any two axes, appears in SHAPE_GRID."""
+    names = list(AXES)
+    seen = {name: [] for name in names}
+    for _, *values in SHAPE_GRID:
+        for name, value in zip(names, values):
+            seen[name].append(value)
+    for a, b in itertools.combinations(names, 2):
+        missing = set(itertools.product(AXES[a], AXES[b])) - set(zip(seen[a], seen[b]))
+        assert not missing, f"{a} x {b} never tested: {missing}"
+
+
+@pytest.mark.parametrize("case", SHAPE_GRID, ids=case_id)
+def test_matches_reference(case, device):
+    B, Lq, Lk, D, H, causal, bias, dtype = case
+    q, k, v, rel_bias = make_inputs(B, H, Lq, Lk, D, dtype, device, bias=bias)
+    assert_matches_reference(q, k, v, rel_bias, TOLERANCES[dtype], causal=causal, scale=D ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", EMU_SHAPES, ids=case_id)
+def test_emu_shapes(case, dtype, device):
+    """T5 scale 1.0, inputs of T5-like magnitude (scores O(1))."""
+    B, Lq, Lk, D, H, causal, bias = case
+    q, k, v, rel_bias = make_inputs(B, H, Lq, Lk, D, dtype, device, bias=bias)
+    with torch.no_grad():
+        q.mul_(D ** -0.5)
+    assert_matches_reference(q, k, v, rel_bias, TOLERANCES[dtype], causal=causal, scale=1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", EMU_SHAPES + [(2, 33, 300, 88, 12, True, True)], ids=case_id)
+def test_bf16_on_gpu(case, device):
+    """bf16 only on a GPU: the Triton interpreter computes bf16 wrongly on CPU."""
+    B, Lq, Lk, D, H, causal, bias = case
+    q, k, v, rel_bias = make_inputs(B, H, Lq, Lk, D, torch.bfloat16, device, bias=bias)
+    assert_matches_reference(q, k, v, rel_bias, TOLERANCES[torch.bfloat16], causal=causal, scale=D ** -0.5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Lk", AXES["Lk"])
+@pytest.mark.parametrize("Lq", AXES["Lq"] + [64, 65])
+def test_block_boundaries(Lq, Lk, causal, device):
+    """Every (Lq, Lk, causal) of the grid, with bias, plus Lq across the 64-row query block: the causal
+    loop bounds, masked tails and the dBias diagonals all depend on these jointly."""
+    q, k, v, rel_bias = make_inputs(1, 1, Lq, Lk, 32, torch.float32, device, bias=True)
+    assert_matches_reference(q, k, v, rel_bias, TOLERANCES[torch.float32], causal=causal, scale=32 ** -0.5)
+
+
+@pytest.mark.parametrize(
+    "B,Lq,Lk,H,causal,num_buckets,max_distance",
+    [
+        (1, 40, 24, 2, True, 32, 128),   # Lq > Lk, causal: rows past Lk see every key
+        (1, 1, 1, 1, True, 32, 128),     # one query, one key
+        (1, 100, 70, 2, True, 32, 128),  # Lq > 64: several query blocks, dQ through the fp32 buffer
+        (1, 130, 257, 1, False, 32, 128),
+        (3, 9, 41, 2, True, 12, 20),     # several images in one launch; 12 buckets (padded to 16)
+        (2, 20, 200, 1, True, 8, 16),    # small max_distance: many keys in the last bucket
+    ],
+)
+def test_edge_shapes(B, Lq, Lk, H, causal, num_buckets, max_distance, device):
+    q, k, v, rel_bias = make_inputs(B, H, Lq, Lk, 32, torch.float32, device, bias=True, num_buckets=num_buckets)
+    assert_matches_reference(q, k, v, rel_bias, TOLERANCES[torch.float32], causal=causal, scale=32 ** -0.5,
+                             max_distance=max_distance)
+
+
+def test_strided_layouts(device):
+    """q, k, v as [B, L, H, D] buffers seen through .transpose(1, 2) (the model's layout), a bucket table
+    stored transposed, and a stride-0 upstream gradient (from out.sum())."""
+    B, H, Lq, Lk, D = 2, 3, 7, 45, 32
+    gen = torch.Generator().manual_seed(1)
+
+    def blhd(L):
+        return torch.randn(B, L, H, D, generator=gen).to(device).transpose(1, 2).requires_grad_()
+
+    q, k, v = blhd(Lq), blhd(Lk), blhd(Lk)
+    rel_bias = torch.randn(H, 32, generator=gen).to(device).t().requires_grad_()
+    assert not q.is_contiguous() and not rel_bias.is_contiguous()
+    ones = torch.ones(1, device=device).expand(B, H, Lq, D)
+    assert_matches_reference(q, k, v, rel_bias, TOLERANCES[torch.float32], causal=True, do=ones)
+    out = resampler_attention(q, k, v, causal=True, rel_bias=rel_bias)
+    assert out.stride() == q.stride()
+
+
+def test_fp32_grads_match_fp64_reference_and_reference_passes_gradcheck(device):
+    """The kernel has no fp64 path: gradcheck the reference in fp64, then hold the kernel's fp32 grads to
+    the fp64 reference grads."""
+    q, k, v, rel_bias = make_inputs(1, 2, 5, 9, 8, torch.float64, "cpu", bias=True, num_buckets=8,
+                                   bias_dtype=torch.float64)
+
+    def reference(q, k, v, rel_bias):
+        return resampler_attention_reference(q, k, v, causal=True, rel_bias=rel_bias, max_distance=16)
+
+    assert torch.autograd.gradcheck(reference, (q, k, v, rel_bias))
+    do = torch.randn(q.shape, dtype=torch.float64)
+    _, want = run_with_grads(resampler_attention_reference, q, k, v, rel_bias, do, causal=True, max_distance=16)
+    leaves = [t.detach().to(device, torch.float32).requires_grad_() for t in (q, k, v, rel_bias)]
+    _, got = run_with_grads(resampler_attention, *leaves, do.to(device, torch.float32), causal=True, max_distance=16)
+    for name, g, w in zip(["dq", "dk", "dv", "dbias"], got, want):
+        torch.testing.assert_close(g.double().cpu(), w, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(
+    "q_shape,k_shape,dtype,bias_shape,max_distance,match",
+    [
+        ((2, 3, 4), (2, 3, 4), torch.float32, None, 128, "expected q"),
+        ((1, 2, 4, 8), (1, 2, 5, 16), torch.float32, None, 128, "expected q"),
+        ((1, 2, 4, 8), (1, 3, 5, 8), torch.float32, None, 128, "expected q"),
+        ((1, 2, 4, 8), (1, 2, 5, 8), torch.float64, None, 128, "fp16/bf16/fp32"),
+        ((1, 2, 0, 8), (1, 2, 5, 8), torch.float32, None, 128, "Lq >= 1"),
+        ((1, 2, 4, 8), (1, 2, 0, 8), torch.float32, None, 128, "Lk >= 1"),
+        ((1, 1, 4, 320), (1, 1, 5, 320), torch.float32, None, 128, "D <= 256"),
+        ((1, 2, 4, 8), (1, 2, 5, 8), torch.float32, (32, 3), 128, "rel_bias must be"),
+        ((1, 2, 4, 8), (1, 2, 5, 8), torch.float32, (32,), 128, "rel_bias must be"),
+        ((1, 2, 4, 8), (1, 2, 5, 8), torch.float32, (32, 2), 16, "max_distance"),
+    ],
+)
+def test_rejects_bad_inputs(q_shape, k_shape, dtype, bias_shape, max_distance, match, device):
+    q = torch.zeros(q_shape, dtype=dtype, device=device)
+    k = torch.zeros(k_shape, dtype=dtype, device=device)
+    rel_bias = torch.zeros(bias_shape, device=device) if bias_shape else None
+    with pytest.raises(ValueError, match=match):
+        resampler_attention(q, k, k, causal=True, rel_bias=rel_bias, max_distance=max_distance)
+
+
+def test_rejects_mixed_dtypes(device):
+    q = torch.zeros(1, 2, 4, 8, device=device)
+    with pytest.raises(ValueError, match="must share"):
+        resampler_attention(q, q.half(), q.half(), causal=False)
+
+
+def test_model_resampler_triton_matches_reference(tiny_cfg, device):
+    """The tiny model's resampler with attention_impl='triton' vs 'reference', same weights: output and
+    every parameter's gradient. Gradients reach 1e2 (RMSNorm over 0.02-scale queries), so the absolute
+    tolerance is relative to each gradient's largest entry: fp32 reorderings, not bugs, are what it allows."""
+    cfg = tiny_cfg.model
+    models = {}
+    for impl in ("reference", "triton"):
+        torch.manual_seed(0)
+        rcfg = dataclasses.replace(cfg.resampler, attention_impl=impl)
+        models[impl] = CausalResampler(rcfg, cfg.vision.width, cfg.llm.hidden_size).to(device)
+    assert models["triton"].attend is resampler_attention
+    visual = torch.randn(3, 1 + (cfg.vision.image_size // cfg.vision.patch_size) ** 2, cfg.vision.width,
+                         generator=torch.Generator().manual_seed(2)).to(device)
+    upstream = torch.randn(3, cfg.resampler.num_queries, cfg.llm.hidden_size, generator=torch.Generator().manual_seed(3))
+    outs = {}
+    for impl, model in models.items():
+        outs[impl] = model(visual)
+        outs[impl].backward(upstream.to(device))
+    torch.testing.assert_close(outs["triton"], outs["reference"], atol=1e-5, rtol=1e-4)
+    ref_params = dict(models["reference"].named_parameters())
+    for name, param in models["triton"].named_parameters():
+        want = ref_params[name].grad
+        torch.testing.assert_close(param.grad, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4,
+                                   msg=lambda m, n=name: f"grad {n}: {m}")
