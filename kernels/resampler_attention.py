@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 
 def relative_position_bucket(
@@ -139,7 +140,7 @@ def _resampler_attention_fwd_kernel(
     domain)."""
     bh = tl.program_id(0)
     start_m = tl.program_id(1) * BLOCK_M
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # b * stride_*b overflows int32 past 2**31 elements
     h = bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -229,7 +230,7 @@ def _resampler_attention_bwd_kernel(
     else accumulated into a zeroed fp32 DQ that only this program touches. Adds the program's dBias
     partial sums into the zeroed fp32 DBIAS [NUM_BUCKETS, H]."""
     bh = tl.program_id(0)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # b * stride_*b overflows int32 past 2**31 elements
     h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
@@ -304,6 +305,7 @@ _MAX_BLOCK_M = 64  # the resampler's Lq (32) fits one query block: dQ stays in r
 
 
 def _block_sizes(q_len: int, k_len: int, head_dim: int, block_n_max: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_D): powers of two >= 16 (tl.dot's minimum), BLOCK_D >= head_dim."""
     block_m = min(_MAX_BLOCK_M, max(16, triton.next_power_of_2(q_len)))
     block_n = min(block_n_max, max(16, triton.next_power_of_2(k_len)))
     return block_m, block_n, max(16, triton.next_power_of_2(head_dim))
@@ -321,14 +323,25 @@ def _bias_args(rel_bias: Optional[torch.Tensor], q: torch.Tensor, max_distance: 
     return rel_bias, *rel_bias.stride(), num_buckets, math.log(max_distance / (num_buckets // 2))
 
 
+def _launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta) at Triton's default pipelining depth, or unpipelined (num_stages=1)
+    when that needs more shared memory than the device has (fp32 or D > 128 with 64-row query blocks)."""
+    try:
+        kernel[grid](*args, **meta)
+    except OutOfResources:
+        kernel[grid](*args, num_stages=1, **meta)
+
+
 def _forward(q, k, v, rel_bias, causal, max_distance, scale):
+    """Launch the forward: o [B, H, Lq, D] (q's dtype and layout), lse [B * H, Lq] fp32 (log2 domain)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     block_m, block_n, block_d = _block_sizes(Lq, Lk, D, block_n_max=64 if D <= 64 else 32)
     o = torch.empty_like(q)  # keeps q's memory layout, e.g. [B, Lq, H, D] viewed as [B, H, Lq, D]
     lse = torch.empty(B * H, Lq, device=q.device, dtype=torch.float32)
     bias, stride_bias_k, stride_bias_h, num_buckets, log_max_ratio = _bias_args(rel_bias, q, max_distance)
-    _resampler_attention_fwd_kernel[(B * H, triton.cdiv(Lq, block_m))](
+    _launch(
+        _resampler_attention_fwd_kernel, (B * H, triton.cdiv(Lq, block_m)),
         q, k, v, o, lse, bias,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), stride_bias_k, stride_bias_h,
         H, Lq, Lk, D, scale * _LOG2E, log_max_ratio,
@@ -340,6 +353,7 @@ def _forward(q, k, v, rel_bias, causal, max_distance, scale):
 
 
 def _backward(do, q, k, v, o, lse, rel_bias, causal, max_distance, scale):
+    """Launch the backward: dq, dk, dv in the input dtype, dbias [num_buckets, H] in rel_bias's (or None)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     block_m, block_n, block_d = _block_sizes(Lq, Lk, D, block_n_max=32)
@@ -348,7 +362,8 @@ def _backward(do, q, k, v, o, lse, rel_bias, causal, max_distance, scale):
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     bias, stride_bias_k, stride_bias_h, num_buckets, log_max_ratio = _bias_args(rel_bias, q, max_distance)
     dbias = torch.zeros(num_buckets, H, device=q.device, dtype=torch.float32) if rel_bias is not None else lse
-    _resampler_attention_bwd_kernel[(B * H,)](
+    _launch(
+        _resampler_attention_bwd_kernel, (B * H,),
         q, k, v, o, do, lse, bias, dq, dk, dv, dbias,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
         *dq.stride(), *dk.stride(), *dv.stride(), stride_bias_k, stride_bias_h,
@@ -356,7 +371,7 @@ def _backward(do, q, k, v, o, lse, rel_bias, causal, max_distance, scale):
         CAUSAL=causal, HAS_BIAS=rel_bias is not None, NUM_BUCKETS=num_buckets,
         NB_BLOCK=triton.next_power_of_2(num_buckets), DIAG_BLOCK=2 * max(block_m, block_n), ONE_M_BLOCK=one_m_block,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+        num_warps=8,  # at 4 warps ptxas spills registers (sm_90, bf16, D=64)
     )
     dbias = dbias.to(rel_bias.dtype) if rel_bias is not None else None
     return dq.to(q.dtype), dk, dv, dbias
