@@ -1,6 +1,16 @@
-"""Shared fixtures: a single-process megatron world, the tiny config and tokenizer; GPU-test skipping."""
+"""Shared fixtures: a single-process megatron world, the tiny config and tokenizer; GPU-test skipping;
+the Triton interpreter when there is no CUDA."""
+import os
+
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run on CPU tensors through the Triton interpreter. Triton reads
+# TRITON_INTERPRET whenever it defines a @triton.jit function, its own triton.language helpers (tl.sum,
+# tl.max, ...) included, when triton is first imported. So it is set here: pytest loads this file before
+# any test module, and neither torch nor the emu_mc imports below load triton.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from emu_mc.config import load_config
 from emu_mc.tokenizer import load_tokenizer, special_token_ids

@@ -1,23 +1,17 @@
 """Kernel tests: without CUDA, Triton kernels run on CPU tensors through the Triton interpreter.
 
-Triton reads TRITON_INTERPRET when a `@triton.jit` function is defined (not when triton is imported),
-so it must be set before a kernels module is imported. tests/conftest.py imports neither triton nor a
-kernels module, and pytest loads this file before importing the test modules below it. A kernels
-module that an earlier-collected test already imported (emu_mc.model.resampler imports the resampler
-reference) is reloaded, so its kernels are defined again as interpreted functions.
+TRITON_INTERPRET=1 is set by tests/conftest.py, before triton is first imported (triton.language defines
+its own @triton.jit helpers on import, so setting it later is too late). This file checks that it took.
 """
-import importlib
-import os
-import sys
-
 import pytest
 import torch
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 INTERPRET = not torch.cuda.is_available()
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-    for _name in sorted(m for m in sys.modules if m.startswith("emu_mc.kernels.")):
-        importlib.reload(sys.modules[_name])
+if INTERPRET and not isinstance(tl.standard.sum, InterpretedFunction):
+    raise pytest.UsageError("no CUDA, but triton was imported before TRITON_INTERPRET=1 was set: kernels would not "
+                            "run under the interpreter (see tests/conftest.py)")
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 
