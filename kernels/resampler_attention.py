@@ -6,8 +6,9 @@ T5 decoder); the bias added to score (i, j) is rel_bias[bucket(j - i), h].
 `causal` masks key j for query i when j > i (top-left aligned: query i sees keys 0..i).
 Scores are `scale * q @ k^T` (T5 uses scale 1.0: its init absorbs 1/sqrt(D)).
 
-This file holds the plain PyTorch reference (the fallback and the ground truth of the tests) and the
-fused Triton op `resampler_attention` (same signature and semantics):
+This file holds the plain PyTorch reference (the fallback and the ground truth of the tests; it computes
+in fp32, or fp64 for fp64 inputs) and the fused Triton op `resampler_attention` (same signature and
+semantics; fp16, bf16 or fp32 inputs):
   forward   one program per (batch*head, query block): the query block stays in registers, key blocks
             stream through an online softmax (exp2 domain, fp32 statistics and accumulator); the T5
             bucket of each (i, j) is computed in-kernel from j - i and the [num_buckets, H] table is
@@ -18,7 +19,9 @@ fused Triton op `resampler_attention` (same signature and semantics):
             (one bucket per diagonal) then per bucket; each program adds its [num_buckets] partial sums
             to an fp32 [num_buckets, H] buffer with one atomic add.
 All of a layer's images and heads run in one launch; any Lq, Lk >= 1 and D <= 256 (padded to a power
-of two with masked loads).
+of two with masked loads). Backward runs 8 warps (ptxas spills registers at 4 on sm_90). A launch that
+needs more shared memory than the device has is retried without software pipelining (on sm_90: the
+fp32 backward with D > 64 and Lq > 64); fp32 with D > 128 can exceed an A100's 164 KB even so.
 """
 import math
 from typing import Optional
@@ -325,7 +328,7 @@ def _bias_args(rel_bias: Optional[torch.Tensor], q: torch.Tensor, max_distance: 
 
 def _launch(kernel, grid, *args, **meta):
     """kernel[grid](*args, **meta) at Triton's default pipelining depth, or unpipelined (num_stages=1)
-    when that needs more shared memory than the device has (fp32 or D > 128 with 64-row query blocks)."""
+    when that needs more shared memory than the device has (see the module docstring)."""
     try:
         kernel[grid](*args, **meta)
     except OutOfResources:
@@ -422,6 +425,6 @@ def resampler_attention(
         raise ValueError(f"rel_bias must be [num_buckets >= 2, H={q.shape[1]}] with max_distance > num_buckets // 2; "
                          f"got {tuple(rel_bias.shape)}, max_distance={max_distance}")
     if not q.is_cuda and isinstance(_resampler_attention_fwd_kernel, triton.JITFunction):
-        raise RuntimeError("resampler_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before import); "
+        raise RuntimeError("resampler_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported); "
                            "use resampler_attention_reference on CPU")
     return ResamplerAttentionFunction.apply(q, k, v, rel_bias, causal, max_distance, scale)

@@ -1,10 +1,15 @@
 """Fused resampler attention (Triton) against the PyTorch reference: forward and the gradients of q, k,
-v and the T5 bucket table. Without CUDA the kernels run under the Triton interpreter (see conftest), which
-is slow, so the shape grid is a covering set: every pair of values of any two axes appears in some case
-(checked by `test_shape_grid_covers_every_pair`), plus the two Emu shapes and targeted edge cases.
+v and the T5 bucket table. Without CUDA the kernels run under the Triton interpreter (see conftest), one
+program at a time, so the shape grid is a covering set, not the full product: every pair of values of
+any two axes appears in some case (checked by `test_shape_grid_covers_every_pair`); plus the two Emu
+shapes, every (Lq, Lk, causal) with bias, targeted edge cases, and an sm_90 compile of the Emu launches.
 """
 import dataclasses
 import itertools
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,13 +20,17 @@ import emu_mc.kernels.resampler_attention as ra
 from emu_mc.kernels.resampler_attention import resampler_attention, resampler_attention_reference
 from emu_mc.model.resampler import CausalResampler
 
-# (atol, rtol) per input dtype, against the reference run in fp32 on the same (rounded) inputs.
+# (atol, rtol) per input dtype, against the reference run in fp32 on the same (rounded) inputs; atol is
+# relative to the largest entry of each compared tensor when that exceeds 1 (rounding errors of a dot
+# product scale with its operands, e.g. dq = scale * dS K at T5's scale 1.0).
 # fp32: the kernel does exact-IEEE fp32 dots with fp32 softmax statistics, so only summation order
 # differs. fp16/bf16: P and dS are rounded to the input dtype before the PV / dS K / dS^T Q dots, as in
-# flash-attention; the bias-table gradient is an fp32 sum in both and is held to the same bound.
+# flash-attention; the bias-table gradient is an fp32 sum in both and is held to the same bound. On the
+# interpreter the worst error over SHAPE_GRID and EMU_SHAPES was 11% (fp32) and 18% (fp16) of these, 34% for
+# fp16 over 40 random dO on the Emu self-attention shape; bf16 is set by analogy (checked on a GPU only).
 TOLERANCES = {
-    torch.float32: (2e-5, 1e-4),
-    torch.float16: (1e-2, 1e-2),
+    torch.float32: (5e-6, 5e-5),
+    torch.float16: (2e-3, 5e-3),
     torch.bfloat16: (5e-2, 5e-2),
 }
 
@@ -83,16 +92,17 @@ def fp32_reference(q, k, v, rel_bias, do, **kwargs):
 
 
 def assert_matches_reference(q, k, v, rel_bias, tol, *, do=None, **kwargs):
-    """Kernel vs fp32 reference, forward and every gradient, each held to tol = (atol, rtol) and named on
-    failure. `do` defaults to a random upstream gradient."""
+    """Kernel vs fp32 reference, forward and every gradient, each held to tol = (atol, rtol) (see
+    TOLERANCES) and named on failure. `do` defaults to a (seeded) random upstream gradient."""
     atol, rtol = tol
-    do = torch.randn_like(q) if do is None else do
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q) if do is None else do
     out, grads = run_with_grads(resampler_attention, q, k, v, rel_bias, do, **kwargs)
     want_out, want_grads = fp32_reference(q, k, v, rel_bias, do, **kwargs)
     assert out.dtype == q.dtype and out.shape == q.shape
     names = ["out", "dq", "dk", "dv", "dbias"]
     for name, got, want in zip(names, (out, *grads), (want_out, *want_grads)):
-        torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(got.float(), want, atol=atol * max(1.0, want.abs().max().item()), rtol=rtol,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 def case_id(case) -> str:
@@ -304,11 +314,6 @@ for kernel, args, meta in launches:
 def test_emu_shapes_compile_for_sm90_within_shared_memory():
     """Without a GPU, Triton still compiles for one: the kernels as the launchers configure them for the
     Emu shapes (bf16) must compile for sm_90 and fit H100's 227 KB of shared memory at full pipelining."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
         pytest.skip("triton wheel without the bundled ptxas")
