@@ -13,8 +13,8 @@ CUDA only). q, k, v are [B, H, L, D] views of [B, L, H, D] buffers, the model's 
 the buffers directly). Modes: forward, and forward+backward (grads of q, k, v and the bias table).
 
 Reported per row: median ms; TFLOP/s of the attention matmuls (4*D per visible (query, key) pair
-forward, 2.5x that backward); GB/s of the minimum traffic (read q, k, v, write o; backward also reads
-o, dO and writes dq, dk, dv), the same bytes for every implementation; % of the device's peak memory
+forward, 2.5x that backward); GB/s of the minimum traffic (read q, k, v, write o; backward reads q, k,
+v, o, dO and writes dq, dk, dv), the same bytes for every implementation; % of the device's peak memory
 bandwidth; max |out - eager|; speed-up of ours over that row (t_row / t_ours).
 Without CUDA only eager, SDPA and flex run, at reduced sizes: the Triton kernel would only run under
 the Triton interpreter there, which is an emulator, not something to time.
@@ -41,7 +41,7 @@ MODES = ("fwd", "fwd+bwd")
 WORKLOADS = {"self": dict(Lk=LQ, causal=True, bias=True), "cross": dict(Lk=257, causal=False, bias=False)}
 # Peak HBM bandwidth (GB/s, vendor figures), matched by substring of torch.cuda.get_device_name(); first match wins.
 PEAK_GBPS = [
-    ("H100 NVL", 3900), ("H100 PCIe", 2000), ("H100", 3350), ("H200", 4800), ("GH200", 4000), ("B200", 8000),
+    ("H100 NVL", 3900), ("H100 PCIe", 2000), ("H100", 3350), ("GH200", 4000), ("H200", 4800), ("B200", 8000),
     ("A100-SXM4-80GB", 2039), ("A100 80GB PCIe", 1935), ("A100", 1555), ("L40S", 864), ("A10G", 600),
     ("RTX 4090", 1008),
 ]
@@ -136,12 +136,12 @@ def time_ms(fn, cuda, reps):
 
 
 def work(B, Lk, causal, dtype, backward):
-    """(FLOPs, bytes) of one call: visible (query, key) pairs x 4D (x3.5 with backward); minimum traffic."""
+    """(FLOPs, bytes) of one call: visible (query, key) pairs x 4D, x3.5 with backward; minimum traffic:
+    forward reads q, k, v and writes o; backward reads q, k, v, o, dO and writes dq, dk, dv (2x forward)."""
     pairs = sum(min(i + 1, Lk) for i in range(LQ)) if causal else LQ * Lk
     flops = 4 * B * H * D * pairs * (3.5 if backward else 1.0)
-    q_elems, kv_elems = B * H * LQ * D, B * H * Lk * D
-    elems = (2 * q_elems + 2 * kv_elems) * (2 if backward else 1) + (2 * q_elems if backward else 0)
-    return flops, elems * torch.finfo(dtype).bits // 8
+    forward_elems = 2 * B * H * LQ * D + 2 * B * H * Lk * D
+    return flops, forward_elems * (3 if backward else 1) * torch.finfo(dtype).bits // 8
 
 
 def measure(attend, inputs, want, mode, cuda, reps):
