@@ -100,7 +100,8 @@ def flash_attn_cross():
         return None
 
     def attend(q, k, v, rel_bias):
-        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=1.0).transpose(1, 2)
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=1.0)
+        return out.transpose(1, 2)
 
     return attend
 
@@ -219,7 +220,8 @@ def main():
     quick = args.quick or not cuda
     device = "cuda" if cuda else "cpu"
     device_name = torch.cuda.get_device_name() if cuda else f"CPU {platform.machine()} ({os.cpu_count()} cores)"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = dtypes[args.dtype or ("bf16" if cuda else "fp32")]
     batches = args.batch or ([4, 16, 64] if quick else [64, 128, 256, 512, 1024])
     peak_gbps = next((gbps for key, gbps in PEAK_GBPS if key in device_name), None) if cuda else None
     notes = [f"{device_name}, {dtype}, H={H} D={D} Lq={LQ}, B sweep {batches}"]

@@ -255,7 +255,8 @@ def test_model_resampler_triton_matches_reference(tiny_cfg, device):
     assert models["triton"].attend is resampler_attention
     visual = torch.randn(3, 1 + (cfg.vision.image_size // cfg.vision.patch_size) ** 2, cfg.vision.width,
                          generator=torch.Generator().manual_seed(2)).to(device)
-    upstream = torch.randn(3, cfg.resampler.num_queries, cfg.llm.hidden_size, generator=torch.Generator().manual_seed(3))
+    upstream = torch.randn(3, cfg.resampler.num_queries, cfg.llm.hidden_size,
+                           generator=torch.Generator().manual_seed(3))
     outs = {}
     for impl, model in models.items():
         outs[impl] = model(visual)
