@@ -22,9 +22,9 @@ holds more than a [BLOCK_N, BLOCK_V] tile of logits:
   forward   CE over the non-ignored rows only (gathered by index inside the kernel). One program per
             (row block, vocab split) streams its vocab blocks: logits tile = h @ W_blk^T accumulated in
             fp32 over hidden blocks, online max / sum-exp and the target logit per row. Each split
-            writes its per-row logsumexp and target logit; the splits (and, with `tp_group`, the ranks,
-            through one all_gather of those [2, splits, M] statistics) are combined in torch. Saves the
-            inputs and the row logsumexp [M] fp32.
+            writes its per-row logsumexp and target logit, combined in torch; with `tp_group`, one
+            all_gather of every rank's [2, M] (logsumexp, target logit) combines the ranks the same
+            way. Saves the inputs and the row logsumexp [M] fp32.
   backward  one program per (row block, vocab block) recomputes its logits tile, forms
             dlogits = softmax - onehot (fp32, rounded to the input dtype for the two dots, the per-row
             scale grad_ce / M applied after them in fp32 so fp16 does not underflow), and atomically
@@ -220,19 +220,21 @@ def _ce_row_stats(hidden, lm_weight, targets, rows, vocab_start, v_valid, tp_gro
     blocks = _blocks(hidden.device)
     vocab_blocks = triton.cdiv(v_valid, blocks["BLOCK_V"])
     row_blocks = triton.cdiv(rows.numel(), blocks["BLOCK_N"])
-    blocks_per_split = triton.cdiv(vocab_blocks, _vocab_splits(row_blocks, vocab_blocks, hidden.device))
-    splits = max(1, triton.cdiv(vocab_blocks, blocks_per_split))
+    blocks_per_split = max(1, triton.cdiv(vocab_blocks, _vocab_splits(row_blocks, vocab_blocks, hidden.device)))
+    splits = max(1, triton.cdiv(vocab_blocks, blocks_per_split))  # 1 (writing -inf, 0) for a padding-only shard
     stats = torch.empty(2, splits, rows.numel(), device=hidden.device, dtype=torch.float32)
     _ce_forward_kernel[(row_blocks, splits)](
         hidden, lm_weight, targets, rows, stats[0], stats[1],
         rows.numel(), hidden.shape[1], v_valid, vocab_start, blocks_per_split, hidden.stride(0), lm_weight.stride(0),
         DOT_PRECISION=_dot_precision(hidden.dtype), **blocks,
     )
-    if tp_group is not None:
-        gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(tp_group))]
-        dist.all_gather(gathered, stats, group=tp_group)
-        stats = torch.cat(gathered, dim=1)  # [2, tp * splits, M]
-    return torch.logsumexp(stats[0], dim=0), stats[1].sum(dim=0)
+    lse, target_logit = torch.logsumexp(stats[0], dim=0), stats[1].sum(dim=0)
+    if tp_group is not None:  # [tp, 2, M] -> the same combine across ranks
+        gathered = torch.empty(dist.get_world_size(tp_group), 2, rows.numel(), device=hidden.device,
+                               dtype=torch.float32)
+        dist.all_gather(list(gathered.unbind(0)), torch.stack([lse, target_logit]), group=tp_group)
+        lse, target_logit = torch.logsumexp(gathered[:, 0], dim=0), gathered[:, 1].sum(dim=0)
+    return lse, target_logit
 
 
 def _ce_grads(hidden, lm_weight, targets, rows, lse, scale, vocab_start, v_valid):

@@ -1,0 +1,301 @@
+"""Fused mixed CE + regression loss (Triton) against the PyTorch reference: the three losses and the
+gradients of hidden, lm_weight and reg_head_weight, over row mixes (ignored rows, no text rows, no
+regression rows), odd vocabulary and hidden sizes, padded vocabularies and dtypes; vocab-parallel over 2
+gloo ranks against the unsharded loss; and what the kernel keeps and allocates (nothing of N x V).
+Without CUDA the kernels run under the Triton interpreter (see conftest). Also a worker script: under
+torchrun, `python tests/kernels/test_mixed_loss.py OUT_DIR` runs the vocab-parallel side.
+"""
+import dataclasses
+import datetime
+import math
+import os
+import sys
+import tempfile
+from typing import Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from emu_mc.kernels.mixed_loss import mixed_ce_regression_loss, mixed_ce_regression_loss_reference
+from tests.torchrun_utils import torchrun
+
+# (atol, rtol) per input dtype against the reference run in fp32 on the same (rounded) inputs; atol is
+# relative to the largest entry of each compared tensor (gradients scale as 1 / rows), so an all-zero
+# expectation (empty terms) must be matched exactly.
+# fp32: exact-IEEE fp32 dots and fp32 statistics: only summation order (and atomics) differ.
+# fp16: dlogits = softmax - onehot is rounded to fp16 before the two gradient dots and the gradients are
+# returned in fp16 (relative rounding 4.9e-4). On the interpreter the worst errors over CASES x 5 seeds
+# were 26% (fp32, grad lm_weight) and 34% (fp16, grad lm_weight) of atol. bf16 (8-bit mantissa, 8x
+# fp16's rounding) is set by analogy and checked on a GPU only (the interpreter mishandles bf16).
+TOLERANCES = {
+    torch.float32: (2e-6, 1e-5),
+    torch.float16: (1.5e-3, 1.5e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+IGNORE = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """N rows of hidden width H, vocab V (first `valid_vocab_size` real), regression width E over R rows."""
+    name: str
+    N: int
+    H: int
+    V: int
+    E: int
+    ignored: str  # which rows have no text target: "none", "some" (every third + random) or "all"
+    R: int
+    valid_vocab_size: Optional[int] = None
+    dtype: torch.dtype = torch.float32
+
+
+# Interpreter tiles are 32 rows x 64 vocab x 64 hidden: N = 70 spans 3 row blocks, V = 300 / 257 / 130 end
+# in a partial vocab block, H = 88 in a partial hidden block.
+CASES = [
+    Case("mixed", 70, 64, 300, 64, "some", 6),
+    Case("mixed", 70, 88, 300, 88, "some", 6, dtype=torch.float16),
+    Case("no_ignored", 64, 128, 200, 128, "none", 3),
+    Case("padded_vocab", 50, 88, 300, 88, "some", 4, valid_vocab_size=250),
+    Case("padded_vocab", 50, 128, 300, 64, "some", 4, valid_vocab_size=250, dtype=torch.float16),
+    Case("no_regression", 50, 64, 257, 64, "some", 0, dtype=torch.float16),
+    Case("only_regression", 40, 88, 130, 88, "all", 40),
+    Case("all_ignored", 40, 64, 130, 64, "all", 0, dtype=torch.float16),
+]
+GPU_CASES = [
+    Case("mixed", 70, 88, 300, 88, "some", 6, dtype=torch.bfloat16),
+    Case("llama_vocab", 2048, 1024, 32064, 1024, "some", 330, valid_vocab_size=32003, dtype=torch.bfloat16),
+    Case("llama_vocab", 2048, 1024, 32064, 1024, "some", 330, valid_vocab_size=32003, dtype=torch.float16),
+]
+
+
+def make_inputs(case: Case, device, seed=0):
+    """Leaves requiring grad: hidden [N, H], lm_weight [V, H] (logits of std ~2), reg_head_weight [E, H];
+    targets [N] below the valid vocabulary, reg_index [R] (distinct rows), reg_targets [R, E]."""
+    gen = torch.Generator().manual_seed(seed)
+    valid = case.valid_vocab_size or case.V
+
+    def leaf(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=case.dtype).requires_grad_()
+
+    hidden = leaf(case.N, case.H)
+    lm_weight = leaf(case.V, case.H, std=2 / math.sqrt(case.H))
+    reg_head_weight = leaf(case.E, case.H, std=1 / math.sqrt(case.H))
+    targets = torch.randint(0, valid, (case.N,), generator=gen)
+    targets[0] = valid - 1
+    if case.ignored == "some":
+        targets[(torch.arange(case.N) % 3 == 1) | (torch.rand(case.N, generator=gen) < 0.2)] = IGNORE
+    elif case.ignored == "all":
+        targets[:] = IGNORE
+    reg_index = torch.randperm(case.N, generator=gen)[:case.R].sort().values
+    reg_targets = torch.randn(case.R, case.E, generator=gen).to(case.dtype)
+    return hidden, lm_weight, targets.to(device), reg_head_weight, reg_index.to(device), reg_targets.to(device)
+
+
+def fp32_leaves(hidden, lm_weight, reg_head_weight):
+    return [t.detach().float().requires_grad_() for t in (hidden, lm_weight, reg_head_weight)]
+
+
+def losses_and_grads(fn, hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets, **kw):
+    """[total, ce, reg, d hidden, d lm_weight, d reg_head_weight]; a weight outside the graph gets zeros."""
+    total, ce, reg = fn(hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets, **kw)
+    leaves = (hidden, lm_weight, reg_head_weight)
+    grads = torch.autograd.grad(total, leaves, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    return [total.detach(), ce.detach(), reg.detach(), *grads]
+
+
+NAMES = ("total", "ce", "reg", "grad hidden", "grad lm_weight", "grad reg_head_weight")
+
+
+def assert_all_close(actual, expected, dtype, what=""):
+    atol, rtol = TOLERANCES[dtype]
+    for name, a, e in zip(NAMES, actual, expected):
+        assert a.dtype in (torch.float32, dtype), f"{what}{name}: dtype {a.dtype}"
+        a, e = a.float().cpu(), e.float().cpu()
+        assert torch.isfinite(a).all(), f"{what}{name}: not finite"
+        torch.testing.assert_close(a, e, atol=atol * e.abs().max().item() if e.numel() else 0.0, rtol=rtol,
+                                   msg=lambda m: f"{what}{name}: {m}")
+
+
+def check_case(case: Case, device):
+    inputs = make_inputs(case, device)
+    hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets = inputs
+    kw = dict(ce_loss_weight=0.7, reg_loss_weight=1.3, ignore_index=IGNORE, valid_vocab_size=case.valid_vocab_size)
+    actual = losses_and_grads(mixed_ce_regression_loss, *inputs, **kw)
+    h32, w32, r32 = fp32_leaves(hidden, lm_weight, reg_head_weight)
+    expected = losses_and_grads(mixed_ce_regression_loss_reference, h32, w32, targets, r32, reg_index,
+                                reg_targets.float(), **kw)
+    for grad, leaf in zip(actual[3:], (hidden, lm_weight, reg_head_weight)):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+    assert_all_close(actual, expected, case.dtype)
+    return actual
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.name}-N{c.N}-H{c.H}-V{c.V}-{str(c.dtype)[6:]}")
+def test_matches_reference(case, device):
+    actual = check_case(case, device)
+    if case.ignored == "all":  # empty CE: exactly 0, and so is its share of the gradients
+        assert actual[1].item() == 0.0 and (actual[4] == 0).all()
+    if case.R == 0:
+        assert actual[2].item() == 0.0 and (actual[5] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c.name}-N{c.N}-V{c.V}-{str(c.dtype)[6:]}")
+def test_matches_reference_on_gpu(case, device):
+    check_case(case, device)
+
+
+def test_reg_targets_gradient(device):
+    """reg_targets are detached in Emu, but a caller that wants their gradient gets the reference's."""
+    case = Case("mixed", 40, 64, 130, 64, "some", 5)
+    hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets = make_inputs(case, device)
+    grads = []
+    for fn in (mixed_ce_regression_loss, mixed_ce_regression_loss_reference):
+        leaf = reg_targets.detach().clone().requires_grad_()
+        total = fn(hidden, lm_weight, targets, reg_head_weight, reg_index, leaf, reg_loss_weight=0.5)[0]
+        grads.append(torch.autograd.grad(total, leaf)[0])
+    torch.testing.assert_close(*grads, atol=1e-7, rtol=1e-6)
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Bytes of the largest tensor storage any op creates (views and the interpreter's re-wrapping of
+    existing storages do not count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = (0, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        existing = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in existing:
+                self.largest = max(self.largest, (t.untyped_storage().nbytes(), str(func)), key=lambda x: x[0])
+        return out
+
+
+def test_memory_no_logits(device):
+    """Backward keeps the inputs and O(N) row statistics only, and no op in forward or backward creates
+    anything near the [N, V] fp32 logits (here 512 KB; hidden is 32 KB, lm_weight 64 KB). The reference,
+    run through the same checks, fails both: the checks can see logits."""
+    case = Case("memory", 256, 32, 512, 32, "some", 8)
+    inputs = make_inputs(case, device)
+    logits_bytes = case.N * case.V * 4
+
+    def run(fn):
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _LargestAllocation() as alloc:
+            total = fn(*inputs)[0]
+            total.backward()
+        return saved, alloc.largest
+
+    input_storages = {t.untyped_storage().data_ptr() for t in inputs}
+    saved, (largest, op) = run(mixed_ce_regression_loss)
+    extra = [tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() not in input_storages]
+    assert all(math.prod(shape) <= case.N for shape in extra), f"saved beyond the inputs: {extra}"
+    assert largest < logits_bytes / 4, f"{op} allocated {largest} bytes"
+
+    ref_saved, (ref_largest, _) = run(mixed_ce_regression_loss_reference)
+    assert max(t.numel() for t in ref_saved) >= case.N * case.V and ref_largest >= logits_bytes
+
+
+def test_model_loss_seam(single_process_world, tiny_cfg, special_ids, tokenizer):
+    """EmuModel with model.loss.impl = triton: the same losses and parameter gradients as the reference
+    (the tiny LLM's padded vocabulary exercises valid_vocab_size)."""
+    from emu_mc.batch import synthetic_batch
+    from emu_mc.model.emu import EmuModel
+    from emu_mc.model.loss import mixed_loss_fn
+
+    torch.manual_seed(0)
+    tiny_cfg.model.loss.impl = tiny_cfg.model.resampler.attention_impl = "reference"
+    model = EmuModel(tiny_cfg.model, special_ids, len(tokenizer))
+    batch = synthetic_batch(special_ids, batch_size=2, seq_length=64, vocab_size=len(tokenizer),
+                            num_queries=tiny_cfg.model.resampler.num_queries, image_size=32,
+                            generator=torch.Generator().manual_seed(0))
+    results = []
+    for impl in ("reference", "triton"):
+        model.loss_fn = mixed_loss_fn(impl)
+        model.zero_grad()
+        out = model(batch)
+        out["loss"].backward()
+        results.append(({k: v.detach() for k, v in out.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref_out, ref_grads), (out, grads) = results
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-6 * ref_grads[name].abs().max().item(),
+                                   rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+# Vocab-parallel: 2 gloo ranks, each with half of the vocabulary. "padding_in_last_shard": rank 1's shard
+# ends in padding; "last_shard_all_padding": rank 1 holds no real vocabulary at all.
+TP_WORLD = 2
+TP_CASES = [
+    Case("padding_in_last_shard", 50, 64, 256, 64, "some", 5, valid_vocab_size=230),
+    Case("last_shard_all_padding", 50, 88, 256, 88, "some", 5, valid_vocab_size=100),
+]
+TP_KW = dict(ce_loss_weight=1.0, reg_loss_weight=0.5, ignore_index=IGNORE)
+
+
+def tp_worker(out_dir: str):
+    """Run on each rank: kernel and reference with tp_group on this rank's vocab shard; save both."""
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for case in TP_CASES:
+        hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets = make_inputs(case, "cpu")
+        v_local = case.V // world
+        results = {}
+        for fn in (mixed_ce_regression_loss, mixed_ce_regression_loss_reference):
+            shard = lm_weight.detach()[rank * v_local:(rank + 1) * v_local].clone().requires_grad_()
+            results[fn.__name__] = losses_and_grads(
+                fn, hidden, shard, targets, reg_head_weight, reg_index, reg_targets,
+                valid_vocab_size=case.valid_vocab_size, tp_group=dist.group.WORLD, **TP_KW)
+        torch.save(results, os.path.join(out_dir, f"{case.name}_rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_vocab_parallel_matches_unsharded():
+    """Per rank, the kernel equals the reference's autograd (CE gradient of hidden: the rank's partial
+    sum; regression term in full). Across ranks: the same losses as unsharded, lm_weight gradients that
+    concatenate to the unsharded one, and hidden gradients that sum to it once the regression share
+    (counted on every rank) is taken out, as the model's TP copy region does."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        # On CPU tensors under the interpreter on any machine: two ranks cannot share one GPU via NCCL.
+        torchrun("tests/kernels/test_mixed_loss.py", [out_dir], nproc=TP_WORLD, timeout=240,
+                 env={"TRITON_INTERPRET": "1"})
+        for case in TP_CASES:
+            ranks = [torch.load(os.path.join(out_dir, f"{case.name}_rank{r}.pt")) for r in range(TP_WORLD)]
+            check_vocab_parallel(case, ranks)
+
+
+def check_vocab_parallel(case, ranks):
+    kernel = [r["mixed_ce_regression_loss"] for r in ranks]
+    for rank, result in enumerate(ranks):
+        assert_all_close(kernel[rank], result["mixed_ce_regression_loss_reference"], case.dtype,
+                         f"{case.name} rank {rank} vs reference with tp_group: ")
+
+    hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets = make_inputs(case, "cpu")
+    args = (hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets)
+    unsharded = losses_and_grads(mixed_ce_regression_loss_reference, *args,
+                                 valid_vocab_size=case.valid_vocab_size, **TP_KW)
+    reg_only = losses_and_grads(mixed_ce_regression_loss_reference, *args, ce_loss_weight=0.0,
+                                reg_loss_weight=TP_KW["reg_loss_weight"])
+    grad_hidden = sum(k[3] for k in kernel) - (TP_WORLD - 1) * reg_only[3]
+    for rank in range(TP_WORLD):
+        combined = kernel[rank][:3] + [grad_hidden, torch.cat([k[4] for k in kernel]), kernel[rank][5]]
+        assert_all_close(combined, unsharded, case.dtype, f"{case.name} rank {rank} vs unsharded: ")
+
+
+if __name__ == "__main__":
+    tp_worker(sys.argv[1])
