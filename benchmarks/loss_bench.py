@@ -1,0 +1,231 @@
+"""Mixed loss benchmark: the fused Triton CE + regression loss beside the alternatives, on the same inputs.
+
+    python benchmarks/loss_bench.py               # GPU: N in 4k 16k 64k rows, V = 32000, H = E = 5120, bf16
+    python benchmarks/loss_bench.py --quick       # tiny sizes (the default without CUDA)
+
+Workload: hidden [N, H] -> CE of hidden @ lm_weight[V, H].T over the text rows (1/8 of the rows ignored)
+plus MSE of hidden[reg_index] @ reg_head_weight[E, H].T against reg_targets over R = N / 8 regression rows,
+forward + backward (gradients of hidden, lm_weight and reg_head_weight).
+Implementations:
+  eager    logits in the input dtype, F.cross_entropy in fp32, F.mse_loss (what a model does by default)
+  compile  torch.compile of eager
+  liger    Liger-Kernel's fused linear cross-entropy + eager MSE (only if liger_kernel is installed)
+  cce      Cut Cross-Entropy's linear_cross_entropy + eager MSE (only if cut_cross_entropy is installed)
+  ours     emu_mc.kernels.mixed_loss.mixed_ce_regression_loss (CUDA only)
+Reported per row: median ms of forward+backward; peak memory above the inputs (MiB: logits, gradients and
+workspaces; CUDA allocator peak, on CPU the profiler's allocation trace); |total - eager total|; time
+and memory relative to eager and to ours (row / ours: above 1 means ours is faster or smaller).
+Without CUDA only eager and compile run, at tiny sizes: the Triton kernel would run under the Triton
+interpreter there, an emulator, which is not something to time.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from emu_mc.kernels.mixed_loss import mixed_ce_regression_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IGNORE = -100
+MIB = 2 ** 20
+
+
+def make_inputs(N, V, H, dtype, device):
+    """Leaves hidden [N, H], lm_weight [V, H], reg_head_weight [H, H] (requiring grad); targets [N] with
+    1/8 ignored, reg_index [N / 8], reg_targets [N / 8, H]."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen, device=device) * std).to(dtype)
+
+    hidden = randn(N, H).requires_grad_()
+    lm_weight = randn(V, H, std=H ** -0.5).requires_grad_()
+    reg_head_weight = randn(H, H, std=H ** -0.5).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=gen, device=device)
+    targets[torch.rand(N, generator=gen, device=device) < 1 / 8] = IGNORE
+    reg_index = torch.randperm(N, generator=gen, device=device)[:N // 8]
+    return hidden, lm_weight, targets, reg_head_weight, reg_index, randn(N // 8, H)
+
+
+def mse(hidden, reg_head_weight, reg_index, reg_targets):
+    return F.mse_loss((hidden[reg_index] @ reg_head_weight.t()).float(), reg_targets.float())
+
+
+def eager(hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets):
+    logits = (hidden @ lm_weight.t()).float()  # [N, V]
+    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE)
+    return ce + mse(hidden, reg_head_weight, reg_index, reg_targets)
+
+
+def liger():
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    ce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+    return lambda h, w, t, rw, ri, rt: ce(w, h, t) + mse(h, rw, ri, rt)
+
+
+def cce():
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda h, w, t, rw, ri, rt: (linear_cross_entropy(h, w, t, ignore_index=IGNORE, reduction="mean")
+                                        + mse(h, rw, ri, rt))
+
+
+def implementations(cuda):
+    """({name: loss(hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets) -> total},
+    {name: why it is not run})."""
+    impls = {"eager": eager, "compile": torch.compile(eager, dynamic=False)}
+    missing = {}
+    for name, factory in (("liger", liger), ("cce", cce)):
+        try:
+            impls[name] = factory()
+        except ImportError as exc:
+            missing[name] = f"not installed ({exc.name})"
+    if cuda:
+        impls["ours"] = lambda *inputs: mixed_ce_regression_loss(*inputs)[0]
+    else:
+        missing["ours"] = "no CUDA (the Triton interpreter is an emulator: not timed)"
+    return impls, missing
+
+
+def fwd_bwd(loss, inputs):
+    """Forward + backward; returns the (detached) total."""
+    hidden, lm_weight, _, reg_head_weight, _, _ = inputs
+    total = loss(*inputs)
+    torch.autograd.grad(total, (hidden, lm_weight, reg_head_weight))
+    return total.detach()
+
+
+def time_ms(fn, cuda, reps):
+    """Median milliseconds of fn(): triton.testing.do_bench on CUDA, wall clock on CPU (after one warm-up)."""
+    if cuda:
+        return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mib(fn, cuda):
+    """Peak bytes allocated by fn() above what was allocated before it, in MiB."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / MIB
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:  # the trace's allocation events carry the allocator's total
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        with open(os.path.join(tmp, "trace.json")) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0.0
+    events.sort(key=lambda args: args["Ev Idx"])
+    base = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return (max(args["Total Allocated"] for args in events) - base) / MIB
+
+
+def bench_case(N, V, H, impls, dtype, cuda, device, reps):
+    """One row per implementation for N rows."""
+    inputs = make_inputs(N, V, H, dtype, device)
+    want = fwd_bwd(eager, inputs).item()
+    rows = []
+    for name, loss in impls.items():
+        row = {"N": N, "V": V, "H": H, "impl": name}
+        try:
+            err = abs(fwd_bwd(loss, inputs).item() - want)  # also the warm-up (compiles)
+            row |= {"ms": time_ms(lambda: fwd_bwd(loss, inputs), cuda, reps),
+                    "peak_mib": peak_mib(lambda: fwd_bwd(loss, inputs), cuda), "abs_err": err}
+        except Exception as exc:  # an alternative that cannot run here (e.g. out of memory) is reported
+            row["skipped"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
+            if cuda:
+                torch.cuda.empty_cache()
+        rows.append(row)
+    done = {r["impl"]: r for r in rows if "ms" in r}
+    for r in done.values():
+        for ref in ("eager", "ours"):
+            if ref in done:
+                r[f"time_vs_{ref}"] = r["ms"] / done[ref]["ms"]
+                r[f"mem_vs_{ref}"] = r["peak_mib"] / done[ref]["peak_mib"]
+    return rows
+
+
+def format_table(rows):
+    header = (f"{'N':>6s} {'impl':8s} {'ms':>10s} {'peak MiB':>10s} {'|err|':>8s} {'t/eager':>8s} {'m/eager':>8s} "
+              f"{'t/ours':>7s} {'m/ours':>7s}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        start = f"{r['N']:6d} {r['impl']:8s}"
+        if "skipped" in r:
+            lines.append(f"{start} skipped: {r['skipped']}")
+            continue
+        vs_ours = " ".join(f"{r[k]:7.2f}" if k in r else f"{'-':>7s}" for k in ("time_vs_ours", "mem_vs_ours"))
+        lines.append(f"{start} {r['ms']:10.2f} {r['peak_mib']:10.1f} {r['abs_err']:8.1e} {r['time_vs_eager']:8.2f} "
+                     f"{r['mem_vs_eager']:8.2f} {vs_ours}")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", help="N (default 4096 16384 65536; quick: 256 1024 4096)")
+    parser.add_argument("--vocab", type=int, help="V (default 32000; quick: 4096)")
+    parser.add_argument("--hidden", type=int, help="H = E (default 5120; quick: 256)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (always on without CUDA)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--reps", type=int, default=5, help="timed calls per row on CPU (CUDA: do_bench)")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/loss_bench_<device>.json); "
+                                      "the table goes next to it as .txt")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    if cuda and os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("TRITON_INTERPRET=1 is set: the Triton kernel would be interpreted, not benchmarked")
+    quick = args.quick or not cuda
+    device = "cuda" if cuda else "cpu"
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU {platform.machine()} ({os.cpu_count()} cores)"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or
+                                                                                      ("bf16" if cuda else "fp32")]
+    sizes = args.rows or ([256, 1024, 4096] if quick else [4096, 16384, 65536])
+    V, H = args.vocab or (4096 if quick else 32000), args.hidden or (256 if quick else 5120)
+    impls, missing = implementations(cuda)
+    notes = [f"{device_name}, {dtype}, V={V} H=E={H}, R=N/8 regression rows, 1/8 of text rows ignored, "
+             f"N sweep {sizes}; forward+backward"]
+    notes += [f"not run: {name}: {why}" for name, why in missing.items()]
+    if not cuda:
+        notes.append("NO CUDA: tiny sizes, PyTorch paths only. CPU numbers say nothing about a GPU.")
+    print("\n".join(notes))
+    rows = []
+    for N in sizes:
+        rows += bench_case(N, V, H, impls, dtype, cuda, device, args.reps)
+        print(format_table([r for r in rows if r["N"] == N]).split("\n", 2)[-1], flush=True)
+    table = format_table(rows)
+    print("\n" + table)
+    record = {"bench": "mixed_loss", "device": device_name, "cuda": cuda, "quick": quick, "dtype": str(dtype),
+              "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "shapes": {"V": V, "H": H, "E": H, "rows": sizes}, "notes": notes, "rows": rows}
+    tag = "".join(c if c.isalnum() else "_" for c in (torch.cuda.get_device_name() if cuda else "cpu")).strip("_")
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"loss_bench_{tag}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.splitext(out)[0] + ".txt", "w") as f:
+        f.write("\n".join(notes) + "\n\n" + table + "\n")
+    print(f"wrote {out} and {os.path.splitext(out)[0]}.txt")
+
+
+if __name__ == "__main__":
+    main()
