@@ -1,0 +1,155 @@
+"""Segments -> one Emu document: `<s> text [IMG] <image> x Q [/IMG] ... </s>` plus its images.
+
+Over-long documents are truncated to `seq_length` tokens (eos kept) at a point that never splits an
+image block: text is cut at the token, an image (or a video frame) that does not fit whole is left
+out together with everything after it. Only images that are kept are decoded.
+"""
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from emu_mc.data.errors import CORRUPT_IMAGE, EMPTY_DOCUMENT, MISSING_KEY, SampleError
+from emu_mc.data.sources import DROPS_BAD_IMAGES, PARSERS, Image, Segment, Text, Video
+from emu_mc.tokenizer import SpecialTokenIds, image_placeholder_ids
+
+
+@dataclass
+class Document:
+    tokens: List[int]  # bos ... eos, len <= seq_length
+    images: torch.Tensor  # float32 [num_images, 3, S, S], one per [IMG] block, in order
+    truncated: bool = False
+    dropped_images: Counter = field(default_factory=Counter)  # reason -> images left out
+    decode_paths: Counter = field(default_factory=Counter)  # e.g. "image:pil" -> count
+
+
+def make_encoder(tokenizer, ids: SpecialTokenIds) -> Callable[[str], List[int]]:
+    """A thread-safe text -> token ids function (no bos/eos; special ids filtered out, so a caption
+    that spells "[IMG]" cannot forge an image block)."""
+    banned = {ids.bos, ids.eos, ids.pad, ids.img_begin, ids.img_end, ids.img_slot}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        from tokenizers import Tokenizer
+
+        own = Tokenizer.from_str(backend.to_str())  # a private copy: no shared truncation/padding state
+        own.no_truncation()
+        own.no_padding()
+
+        def encode(text: str) -> List[int]:
+            return [t for t in own.encode(text, add_special_tokens=False).ids if t not in banned]
+    else:
+        lock = threading.Lock()
+
+        def encode(text: str) -> List[int]:
+            with lock:
+                return [t for t in tokenizer.encode(text, add_special_tokens=False) if t not in banned]
+    return encode
+
+
+class DocumentBuilder:
+    """(source kind, sample files) -> Document. Raises SampleError for an unusable sample."""
+
+    def __init__(self, encode: Callable[[str], List[int]], ids: SpecialTokenIds, *, num_queries: int,
+                 seq_length: int, frames_per_video: int, decoder):
+        self.encode = encode
+        self.ids = ids
+        self.block = image_placeholder_ids(ids, num_queries)
+        self.seq_length = seq_length
+        self.frames = frames_per_video
+        self.decoder = decoder
+
+    def __call__(self, kind: str, files: Dict[str, bytes]) -> Document:
+        segments = PARSERS[kind](files)
+        return self.build(segments, drop_bad_images=DROPS_BAD_IMAGES[kind])
+
+    # -- planning
+    def _plan(self, items: List[Tuple[str, object]], excluded: set) -> Tuple[List[Tuple[int, int]], bool]:
+        """Which items fit in seq_length - 2 tokens: [(item index, amount)] where amount is the
+        number of text tokens or of frames (1 for an image); and whether anything was cut."""
+        budget = self.seq_length - 2
+        block = len(self.block)
+        plan = []
+        for i, (kind, payload) in enumerate(items):
+            if i in excluded:
+                continue
+            if kind == "text":
+                take = min(len(payload), budget)
+                if take:
+                    plan.append((i, take))
+                budget -= take
+                if take < len(payload):
+                    return plan, True
+            else:
+                want = self.frames if kind == "video" else 1
+                take = min(want, budget // block)
+                if take:
+                    plan.append((i, take))
+                budget -= take * block
+                if take < want:
+                    return plan, True
+        return plan, False
+
+    def build(self, segments: List[Segment], drop_bad_images: bool) -> Document:
+        items: List[Tuple[str, object]] = []
+        for seg in segments:
+            if isinstance(seg, Text):
+                ids = self.encode(seg.text)
+                if ids:
+                    items.append(("text", ids))
+            elif isinstance(seg, Image):
+                items.append(("image", seg))
+            elif isinstance(seg, Video):
+                items.append(("video", seg))
+        dropped: Counter = Counter()
+        paths: Counter = Counter()
+        excluded = set()
+        for i, (kind, seg) in enumerate(items):
+            if kind == "image" and seg.data is None:
+                if not drop_bad_images:
+                    raise SampleError(MISSING_KEY, f"image {seg.name} is missing")
+                excluded.add(i)
+                dropped[MISSING_KEY] += 1
+
+        pixels: Dict[int, torch.Tensor] = {}
+        while True:  # decode what the plan keeps; a dropped image frees room, so plan again
+            plan, truncated = self._plan(items, excluded)
+            todo = [i for i, _ in plan if items[i][0] == "image" and i not in pixels]
+            videos = [(i, n) for i, n in plan if items[i][0] == "video" and i not in pixels]
+            if not todo and not videos:
+                break
+            if todo:
+                results, used = self.decoder.images([items[i][1].data for i in todo])
+                paths.update(used)
+                for i, result in zip(todo, results):
+                    if isinstance(result, torch.Tensor):
+                        pixels[i] = result
+                    elif drop_bad_images:
+                        excluded.add(i)
+                        dropped[result.reason] += 1
+                    else:
+                        raise SampleError(result.reason, f"image {items[i][1].name}: {result.message}")
+            for i, _ in videos:
+                try:
+                    frames, path = self.decoder.video(items[i][1].data, self.frames)
+                except SampleError as e:
+                    raise SampleError(e.reason, f"video {items[i][1].name}: {e.message}") from None
+                pixels[i] = frames
+                paths[path] += 1
+
+        tokens = [self.ids.bos]
+        images: List[torch.Tensor] = []
+        for i, amount in plan:
+            kind, payload = items[i]
+            if kind == "text":
+                tokens.extend(payload[:amount])
+            else:
+                tokens.extend(self.block * amount)
+                images.append(pixels[i][:amount] if kind == "video" else pixels[i][None])
+        tokens.append(self.ids.eos)
+        if len(tokens) == 2:
+            reason = CORRUPT_IMAGE if dropped.get(CORRUPT_IMAGE) else EMPTY_DOCUMENT
+            raise SampleError(reason, f"nothing left of the document (dropped images: {dict(dropped)})")
+        stacked = torch.cat(images) if images else torch.zeros(0, 3, self.decoder.size, self.decoder.size)
+        return Document(tokens, stacked, truncated, dropped, paths)
