@@ -131,6 +131,8 @@ class DataConfig:
     # checked after `failure_check_after` samples.
     max_failure_fraction: float = 0.1
     failure_check_after: int = 100
+    # A document longer than seq_length: truncate (never inside an image block) or skip (counted).
+    overlong: Literal["truncate", "skip"] = "truncate"
     images_per_synthetic_sample: int = 1
 
 

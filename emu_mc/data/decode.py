@@ -41,7 +41,7 @@ def uniform_frame_indices(num_frames: int, n: int) -> List[int]:
 
 def normalize_uint8(pixels: np.ndarray) -> torch.Tensor:
     """uint8 [..., H, W, 3] (RGB) -> float32 [..., 3, H, W], (x / 255 - mean) / std."""
-    t = torch.from_numpy(np.ascontiguousarray(pixels)).movedim(-1, -3).float().div_(255.0)
+    t = torch.tensor(np.asarray(pixels)).movedim(-1, -3).float().div_(255.0)
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return t.sub_(mean).div_(std)

@@ -2,7 +2,8 @@
 
 Over-long documents are truncated to `seq_length` tokens (eos kept) at a point that never splits an
 image block: text is cut at the token, an image (or a video frame) that does not fit whole is left
-out together with everything after it. Only images that are kept are decoded.
+out together with everything after it; or, with `overlong="skip"`, rejected (reason too_long).
+Only images that are kept are decoded.
 """
 import threading
 from collections import Counter
@@ -11,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from emu_mc.data.errors import CORRUPT_IMAGE, EMPTY_DOCUMENT, MISSING_KEY, SampleError
+from emu_mc.data.errors import CORRUPT_IMAGE, EMPTY_DOCUMENT, MISSING_KEY, TOO_LONG, SampleError
 from emu_mc.data.sources import DROPS_BAD_IMAGES, PARSERS, Image, Segment, Text, Video
 from emu_mc.tokenizer import SpecialTokenIds, image_placeholder_ids
 
@@ -52,13 +53,14 @@ class DocumentBuilder:
     """(source kind, sample files) -> Document. Raises SampleError for an unusable sample."""
 
     def __init__(self, encode: Callable[[str], List[int]], ids: SpecialTokenIds, *, num_queries: int,
-                 seq_length: int, frames_per_video: int, decoder):
+                 seq_length: int, frames_per_video: int, decoder, overlong: str = "truncate"):
         self.encode = encode
         self.ids = ids
         self.block = image_placeholder_ids(ids, num_queries)
         self.seq_length = seq_length
         self.frames = frames_per_video
         self.decoder = decoder
+        self.overlong = overlong
 
     def __call__(self, kind: str, files: Dict[str, bytes]) -> Document:
         segments = PARSERS[kind](files)
@@ -115,6 +117,8 @@ class DocumentBuilder:
         pixels: Dict[int, torch.Tensor] = {}
         while True:  # decode what the plan keeps; a dropped image frees room, so plan again
             plan, truncated = self._plan(items, excluded)
+            if truncated and self.overlong == "skip":
+                raise SampleError(TOO_LONG, f"the document does not fit in {self.seq_length} tokens")
             todo = [i for i, _ in plan if items[i][0] == "image" and i not in pixels]
             videos = [(i, n) for i, n in plan if items[i][0] == "video" and i not in pixels]
             if not todo and not videos:

@@ -8,6 +8,7 @@ CORRUPT_IMAGE = "corrupt_image"  # image bytes that no decoder accepts (truncate
 CORRUPT_VIDEO = "corrupt_video"  # video bytes that no decoder accepts, or no frames
 UNREADABLE_SAMPLE = "unreadable_sample"  # the sample's bytes could not be read from its shard
 EMPTY_DOCUMENT = "empty_document"  # nothing usable left (no text and no image)
+TOO_LONG = "too_long"  # longer than seq_length with data.overlong: skip
 UNEXPECTED = "unexpected_error"  # any other exception while building the document
 
 
