@@ -61,25 +61,29 @@ class DocumentBuilder:
         self.frames = frames_per_video
         self.decoder = decoder
         self.overlong = overlong
+        self.space = encode(" ")
 
     def __call__(self, kind: str, files: Dict[str, bytes]) -> Document:
         segments = PARSERS[kind](files)
         return self.build(segments, drop_bad_images=DROPS_BAD_IMAGES[kind])
 
     # -- planning
-    def _plan(self, items: List[Tuple[str, object]], excluded: set) -> Tuple[List[Tuple[int, int]], bool]:
-        """Which items fit in seq_length - 2 tokens: [(item index, amount)] where amount is the
-        number of text tokens or of frames (1 for an image); and whether anything was cut."""
+    def _plan(self, items: List[Tuple[str, object]], excluded: set) -> Tuple[List[Tuple[int, object]], bool]:
+        """Which items fit in seq_length - 2 tokens: [(item index, what)] where what is the text's
+        token ids (cut to fit) or the number of frames (1 for an image); and whether anything was cut.
+        Two texts that meet because the image between them was dropped are joined by a space."""
         budget = self.seq_length - 2
         block = len(self.block)
-        plan = []
+        plan: List[Tuple[int, object]] = []
         for i, (kind, payload) in enumerate(items):
             if i in excluded:
                 continue
             if kind == "text":
+                if plan and items[plan[-1][0]][0] == "text":
+                    payload = self.space + payload
                 take = min(len(payload), budget)
                 if take:
-                    plan.append((i, take))
+                    plan.append((i, payload[:take]))
                 budget -= take
                 if take < len(payload):
                     return plan, True
@@ -144,13 +148,13 @@ class DocumentBuilder:
 
         tokens = [self.ids.bos]
         images: List[torch.Tensor] = []
-        for i, amount in plan:
-            kind, payload = items[i]
+        for i, what in plan:
+            kind = items[i][0]
             if kind == "text":
-                tokens.extend(payload[:amount])
+                tokens.extend(what)
             else:
-                tokens.extend(self.block * amount)
-                images.append(pixels[i][:amount] if kind == "video" else pixels[i][None])
+                tokens.extend(self.block * what)
+                images.append(pixels[i][:what] if kind == "video" else pixels[i][None])
         tokens.append(self.ids.eos)
         if len(tokens) == 2:
             reason = CORRUPT_IMAGE if dropped.get(CORRUPT_IMAGE) else EMPTY_DOCUMENT
