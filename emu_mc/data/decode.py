@@ -5,12 +5,14 @@
   DALI's CPU video decoder refuses H.264 and MPEG-4, which go through PyAV instead.
 - `DaliDecoder(device="gpu")`: nvJPEG and NVDEC, resize and normalisation on the GPU.
 
-All paths produce the same thing (up to resampling and YUV->RGB rounding, a few 1/255 levels):
-the image resized to image_size x image_size with bicubic interpolation (no crop, as the released
-Emu-1 preprocessing does), scaled to [0, 1] and normalised with the CLIP mean/std, float32 CHW.
-Video frames are picked with `uniform_frame_indices`, the released Emu-1 rule. A DALI failure on one
-input (e.g. a corrupt JPEG, which stops a DALI pipeline) rebuilds that thread's pipeline and retries
-the input with PIL/PyAV, so nothing is lost and a bad input is reported, never raised past the sample.
+All paths produce the same thing: the image resized to image_size x image_size with bicubic
+interpolation (no crop), scaled to [0, 1], normalised with the CLIP mean/std, float32 CHW. They differ
+by resampling filters and YUV->RGB conversion: on average 1-2 uint8 levels, at single pixels up to ~10
+levels on images and ~40 on video (chroma edges); tests/data/test_decode.py holds these bounds.
+Video frames are picked uniformly with `uniform_frame_indices` (SPEC: the released Emu-1 inference
+samples 8 frames uniformly). A DALI failure on one input (e.g. a corrupt JPEG, which stops a DALI
+pipeline) rebuilds that thread's pipeline and retries the input with PIL/PyAV, so nothing is lost and a
+bad input is reported, never raised past the sample.
 """
 import io
 import logging
@@ -32,8 +34,9 @@ ImageResult = Union[torch.Tensor, SampleError]
 
 
 def uniform_frame_indices(num_frames: int, n: int) -> List[int]:
-    """n frame indices spread over a clip of num_frames (Emu-1's get_index): the middle of n equal
-    segments of [0, num_frames - 1]. Repeats frames when the clip is shorter than n."""
+    """n frame indices spread over a clip of num_frames: the middle of n equal segments of
+    [0, num_frames - 1] (the `get_index` rule of VideoChat-style video code). Repeats frames when the
+    clip is shorter than n."""
     seg = float(num_frames - 1) / n
     start = int(seg / 2)
     return [min(num_frames - 1, start + int(np.round(seg * i))) for i in range(n)]

@@ -123,3 +123,21 @@ def test_dali_gpu_matches_cpu():
     frames, path = gpu.video(video, 4)
     assert path == "video:dali_gpu"
     assert levels(frames, CpuDecoder(SIZE).video(video, 4)[0])[0] < 4
+
+
+@needs_dali
+def test_loader_on_dali_cpu_matches_the_cpu_path(tiny_cfg, tokenizer):
+    """The shipped sample set through the loader: same tokens, pixels within the decoders' tolerance."""
+    from emu_mc.data import build_data_loader
+
+    runs = {}
+    for decoder, workers in (("cpu", 0), ("dali_cpu", 2)):
+        tiny_cfg.data.decoder, tiny_cfg.data.num_workers = decoder, workers
+        loader = build_data_loader(tiny_cfg, tokenizer)
+        runs[decoder] = ([next(loader) for _ in range(4)], loader.stats())
+    for a, b in zip(runs["cpu"][0], runs["dali_cpu"][0]):
+        assert torch.equal(a.input_ids, b.input_ids)
+        assert levels(a.images, b.images)[0] < 3
+    paths = runs["dali_cpu"][1]["decode_paths"]
+    assert {"image:dali_cpu", "video:dali_cpu", "video:pyav"} <= set(paths)  # mp4 clips: H.264 via PyAV
+    assert runs["dali_cpu"][1]["decoder"] == "dali_cpu"

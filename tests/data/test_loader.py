@@ -115,7 +115,8 @@ def test_ranks_and_seeds_change_the_stream(data_cfg, shards, tokenizer, special_
 def test_mixture_follows_the_weights(data_cfg, shards, tokenizer):
     loader = build_data_loader(mixed(data_cfg, shards), tokenizer)
     picks = []
-    for loader.draws in range(4000):
+    for n in range(4000):
+        loader.draws = n
         picks.append(loader._choose())
     share = [picks.count(k) / len(picks) for k in range(3)]
     assert share == pytest.approx([0.5, 0.25, 0.25], abs=0.03)
