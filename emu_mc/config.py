@@ -33,6 +33,8 @@ class VisionConfig:
     mlp_hidden: int = 6144
     norm_eps: float = 1e-6
     freeze: bool = False
+    # Pretrained weights: a safetensors file from `python -m emu_mc.convert eva-to-emu`; "" = random init.
+    init_from: str = ""
 
 
 @dataclass
@@ -70,6 +72,9 @@ class LLMConfig:
     # The vocabulary comes from the tokenizer; the embedding is padded to a multiple of this x TP.
     make_vocab_size_divisible_by: int = 128
     freeze: bool = False
+    # Pretrained weights: a directory from `python -m emu_mc.convert hf-to-emu`; "" = random init.
+    # Its architecture fields must match these; vocab rows it lacks (added special tokens) start at zero.
+    init_from: str = ""
 
 
 @dataclass

@@ -1,0 +1,45 @@
+"""Loading converted weights into a built model: `load_vision_state`, and `load_pretrained`, which
+applies `model.llm.init_from` (an LLM checkpoint directory, llm_format.py) and
+`model.vision.init_from` (a vision safetensors file from eva-to-emu) to an EmuModel stage."""
+import logging
+
+import torch
+
+from emu_mc.config import ModelConfig
+from emu_mc.convert.errors import ConversionError, check_keys, check_shape
+from emu_mc.convert.llm_format import arch_mismatches, read_llm_checkpoint
+from emu_mc.convert.shard import load_llm_state
+from emu_mc.convert.tensor_files import StateDict, read_tensor_file
+
+log = logging.getLogger("emu_mc.convert")
+
+
+@torch.no_grad()
+def load_vision_state(vision_model: torch.nn.Module, state: StateDict) -> None:
+    """Copy `state` (our VisionTransformer names, any float dtype) into `vision_model`; every tensor
+    must be present with its exact shape (the vision tower is replicated, never sharded)."""
+    expected = vision_model.state_dict()
+    check_keys(list(expected), list(state), "vision state dict")
+    for name, tensor in expected.items():
+        check_shape(name, tensor.shape, state[name].shape, " in vision state dict")
+    vision_model.load_state_dict(state)
+
+
+def load_pretrained(emu_model, model_cfg: ModelConfig) -> None:
+    """Load model_cfg.llm.init_from into emu_model.llm and model_cfg.vision.init_from into
+    emu_model.vision (first pipeline stage only); each is a no-op when empty. Vocab rows the LLM
+    checkpoint lacks (added special tokens, padding) are zero. Raises ConversionError."""
+    path = model_cfg.llm.init_from
+    if path:
+        state, ckpt_cfg, vocab_size = read_llm_checkpoint(path)
+        mismatches = arch_mismatches(ckpt_cfg, model_cfg.llm)
+        if mismatches:
+            raise ConversionError(f"{path}: checkpoint vs model.llm config differ in " + "; ".join(mismatches))
+        load_llm_state(emu_model.llm, state)
+        log.info("LLM weights from %s: %d tensors, %d checkpoint vocab rows (model vocab %d)",
+                 path, len(state), vocab_size, emu_model.vocab_size)
+    path = model_cfg.vision.init_from
+    if path and getattr(emu_model, "vision", None) is not None:
+        state = read_tensor_file(path)
+        load_vision_state(emu_model.vision, state)
+        log.info("vision weights from %s: %d tensors", path, len(state))
