@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 from emu_mc.convert.errors import ConversionError
 from emu_mc.convert.eva import eva_to_emu
 from emu_mc.convert.hf import emu_to_hf, hf_to_emu
-from emu_mc.convert.llm_format import META_FILE, WEIGHTS_FILE
+from emu_mc.convert.llm_format import ARCH_FIELDS, META_FILE, WEIGHTS_FILE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +41,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "hf-to-emu":
             cfg, vocab = hf_to_emu(args.hf, args.out)
-            print(f"wrote {args.out}: {cfg}, vocab_size={vocab}")
+            fields = ", ".join(f"{n}={getattr(cfg, n)}" for n in ARCH_FIELDS)
+            print(f"wrote {args.out}: {fields}, vocab_size={vocab}")
         elif args.command == "emu-to-hf":
             cfg, vocab = emu_to_hf(args.emu, args.out)
             print(f"wrote {args.out}: LlamaForCausalLM, {cfg.num_layers} layers, vocab_size={vocab}")
