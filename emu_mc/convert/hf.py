@@ -46,16 +46,16 @@ def _rope_theta(hf: Dict) -> float:
 
 def llm_config_from_hf(hf: Dict) -> Tuple[LLMConfig, int]:
     """An HF LLaMA config.json (as a dict) -> (our LLMConfig, vocab_size)."""
-    def unsupported(field, value, allowed):
-        if hf.get(field, allowed) != allowed:
-            raise ConversionError(f"config.json {field}={value!r}: only {allowed!r} is supported")
-    unsupported("model_type", hf.get("model_type"), "llama")
-    unsupported("hidden_act", hf.get("hidden_act"), "silu")
-    unsupported("attention_bias", hf.get("attention_bias"), False)
-    unsupported("mlp_bias", hf.get("mlp_bias"), False)
+    def unsupported(field, allowed):
+        if hf.get(field) not in (None, allowed):
+            raise ConversionError(f"config.json {field}={hf[field]!r}: only {allowed!r} is supported")
+    unsupported("model_type", "llama")
+    unsupported("hidden_act", "silu")
+    unsupported("attention_bias", False)
+    unsupported("mlp_bias", False)
     try:
         heads = hf["num_attention_heads"]
-        unsupported("head_dim", hf.get("head_dim"), hf["hidden_size"] // heads)
+        unsupported("head_dim", hf["hidden_size"] // heads)
         cfg = LLMConfig(
             num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_attention_heads=heads,
             num_query_groups=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
