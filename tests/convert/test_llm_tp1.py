@@ -1,6 +1,5 @@
 """HF LLaMA -> our format -> our GPTModel at TP=1 (in process): same logits as transformers."""
 import pytest
-import torch
 
 from emu_mc.convert.__main__ import main
 from tests.convert.llm_helpers import VOCAB, build_loaded_llm, hf_logits, input_ids, make_hf_llama, stage_forward
