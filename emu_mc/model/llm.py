@@ -16,8 +16,11 @@ from emu_mc.parallel import cpu_compat
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Round up so each of `tp` vocab shards has a multiple of `divisible_by` rows."""
-    multiple = divisible_by * tp
+    """Round up to a multiple of lcm(divisible_by, tp), so the vocab splits evenly over `tp` ranks.
+
+    Unlike megatron's divisible_by * tp, the result does not change with tp whenever tp divides
+    divisible_by (e.g. 128 and tp in 1..128 powers of two), so checkpoints reshard across TP."""
+    multiple = math.lcm(divisible_by, tp)
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 

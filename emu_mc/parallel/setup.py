@@ -174,16 +174,14 @@ def _last_stage_mean(terms: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
     return values / ps.get_data_parallel_world_size()
 
 
-def train_step(model_chunks, optimizer, microbatches: List[Batch], lr: float) -> Dict[str, float]:
-    """Forward+backward over `microbatches` (each [micro_batch_size, seq_length]) and one optimizer
-    step. A non-finite loss or gradient skips the update on every rank. Returns the step's mean
-    loss terms, the global grad norm (pre-clipping) and whether the update was skipped."""
+def forward_backward(model_chunks, microbatches: List[Batch]) -> torch.Tensor:
+    """Zero the grads, run forward+backward over `microbatches` (each [micro_batch_size, seq_length])
+    with megatron's schedule; grads end reduced over DP in each parameter's `main_grad`.
+    Returns [loss, ce, reg] (fp64) averaged over microbatches and DP ranks, on every rank."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    set_learning_rate(optimizer, lr)
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
-    optimizer.zero_grad()
     batch_size, seq_length = microbatches[0].input_ids.shape
     terms = get_forward_backward_func()(
         forward_step_func=_forward_step,
@@ -195,7 +193,16 @@ def train_step(model_chunks, optimizer, microbatches: List[Batch], lr: float) ->
         channel = unwrap(chunk).reg_target_channel
         if channel is not None:
             channel.wait()
-    loss, ce, reg = _last_stage_mean(terms).tolist()
+    return _last_stage_mean(terms)
+
+
+def train_step(model_chunks, optimizer, microbatches: List[Batch], lr: float) -> Dict[str, float]:
+    """`forward_backward` and one optimizer step at base learning rate `lr`. A non-finite loss or
+    gradient skips the update on every rank. Returns the step's mean loss terms, the global grad
+    norm (before clipping) and whether the update was skipped."""
+    set_learning_rate(optimizer, lr)
+    optimizer.zero_grad()
+    loss, ce, reg = forward_backward(model_chunks, microbatches).tolist()
     if not torch.isfinite(torch.tensor(loss)):
         return {"loss": loss, "ce": ce, "reg": reg, "grad_norm": float("nan"), "skipped": True}
     updated, grad_norm, _ = optimizer.step()

@@ -1,0 +1,124 @@
+"""One training step of the tiny Emu model in a given TP x PP x DP layout (run under torchrun).
+
+--init DIR --save-init  build the model (seeded) and save its weights as a megatron dist checkpoint
+--init DIR --out DIR    load those weights, run forward+backward on this rank's share of a fixed global
+                        batch, save the DP-reduced gradients (as a dist checkpoint of the model: the
+                        gradients written into the parameters), then one optimizer step, and record
+                        whether DP and TP replicas hold identical parameters.
+Dist checkpoints reshard, so the test reads every layout's gradients back at TP = PP = 1.
+"""
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from emu_mc.batch import synthetic_batch
+from emu_mc.config import load_config
+from emu_mc.parallel.groups import init_distributed
+from emu_mc.parallel.setup import build_model_and_optimizer, forward_backward, unwrap
+from emu_mc.tokenizer import load_tokenizer, special_token_ids
+
+GLOBAL_MICROBATCHES = 2
+
+
+def global_batch(cfg, ids, vocab_size):
+    """GLOBAL_MICROBATCHES fixed microbatches, the same in every layout."""
+    g = torch.Generator().manual_seed(7)
+    batches = []
+    for _ in range(GLOBAL_MICROBATCHES):
+        b = synthetic_batch(ids, batch_size=cfg.data.micro_batch_size, seq_length=cfg.data.seq_length,
+                            vocab_size=vocab_size, num_queries=cfg.model.resampler.num_queries,
+                            image_size=cfg.model.vision.image_size, images_per_row=2, generator=g)
+        b.images = torch.randn(b.images.shape, generator=g)
+        batches.append(b)
+    return batches
+
+
+def save_model(model, path):
+    from megatron.core import dist_checkpointing
+
+    if dist.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), path)
+
+
+def complete_reduce_scattered_grads(chunk):
+    """With the distributed optimizer each DP rank holds only its shard of the DP-reduced gradient
+    buffer (reduce-scatter); all-gather the shards so every rank's `main_grad` is complete."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+    dp, group = ps.get_data_parallel_world_size(), ps.get_data_parallel_group()
+    if dp == 1 or not chunk.ddp_config.use_distributed_optimizer:
+        return
+    for buffer in chunk.buffers:
+        for bucket in buffer.buckets:
+            mine = shard_buffer(bucket.grad_data, dp)[ps.get_data_parallel_rank()].clone()
+            dist.all_gather_into_tensor(bucket.grad_data, mine, group=group)
+
+
+def replicas_identical(model, group) -> bool:
+    """Whether every rank of `group` holds bit-identical values of the parameters given."""
+    flat = torch.cat([p.detach().reshape(-1).float() for p in model]) if model else torch.zeros(1)
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, flat, group=group)
+    return all(torch.equal(gathered[0], t) for t in gathered)
+
+
+def main():
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--init", required=True)
+    parser.add_argument("--out")
+    parser.add_argument("--save-init", action="store_true")
+    args = parser.parse_args()
+
+    dims = init_distributed(args.tp, args.pp, seed=1234)
+    cfg = load_config("configs/tiny.yaml", ["--parallel.tensor_parallel", str(args.tp),
+                                            "--parallel.pipeline_parallel", str(args.pp)])
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    ids = special_token_ids(tokenizer)
+    chunks, optimizer = build_model_and_optimizer(cfg, ids, len(tokenizer))
+    model = unwrap(chunks[0])
+    if args.save_init:
+        save_model(model, args.init)
+        return
+
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), args.init))
+    optimizer.reload_model_params()
+    per_rank = GLOBAL_MICROBATCHES // dims.dp
+    dp_rank = ps.get_data_parallel_rank()
+    mine = global_batch(cfg, ids, len(tokenizer))[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    loss, ce, reg = forward_backward(chunks, mine).tolist()
+    complete_reduce_scattered_grads(chunks[0])
+
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.main_grad)
+    save_model(model, os.path.join(args.out, "grads"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+
+    optimizer.step()
+    replicated = [p for p in model.parameters() if not getattr(p, "tensor_model_parallel", False)]
+    result = {
+        "loss": loss, "ce": ce, "reg": reg,
+        "dp_replicas_identical": replicas_identical(list(model.parameters()), ps.get_data_parallel_group()),
+        "tp_replicas_identical": replicas_identical(replicated, ps.get_tensor_model_parallel_group()),
+    }
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.out, "result.json"), "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
