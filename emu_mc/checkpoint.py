@@ -46,6 +46,83 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def optimizer_checkpoint_format(requested: str) -> str:
+    """TrainConfig.optimizer_checkpoint -> the megatron DistributedOptimizer sharding type to use."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    if requested == "auto":
+        return "fully_reshardable" if HAVE_APEX_OR_TE else "dp_reshardable"
+    if requested == "fully_reshardable" and not HAVE_APEX_OR_TE:
+        raise ValueError("train.optimizer_checkpoint: fully_reshardable needs apex or transformer-engine's fused "
+                         "Adam (megatron-core cannot reload torch.optim.Adam state in that format); "
+                         "use auto or dp_reshardable")
+    return requested
+
+
+def training_state(model_chunks, optimizer, optimizer_format: str, is_loading: bool = False) -> Dict[str, Any]:
+    """The sharded (megatron dist_checkpointing) state of this rank's model stage and optimizer.
+
+    `optimizer_format` is a megatron DistributedOptimizer sharding type (`optimizer_checkpoint_format`);
+    it must be the same when saving and loading."""
+    from emu_mc.parallel.setup import unwrap
+
+    if len(model_chunks) != 1:
+        raise NotImplementedError("checkpointing supports one model chunk per rank (no virtual pipeline stages)")
+    if is_loading:
+        _allocate_optimizer_state(optimizer)
+    metadata = {"distrib_optim_sharding_type": optimizer_format}
+    model_state = unwrap(model_chunks[0]).sharded_state_dict(metadata=metadata)
+    return {"model": model_state,
+            "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)}
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer its (zero) Adam state before a checkpoint is loaded into it.
+
+    megatron-core's DistributedOptimizer.sharded_state_dict reads the inner torch optimizer's
+    per-parameter `step` (without apex/TE), which a never-stepped optimizer lacks. One step with zero
+    gradients at lr = weight_decay = 0 allocates the state and leaves every parameter unchanged;
+    the checkpoint then overwrites it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if not isinstance(opt, DistributedOptimizer) or len(inner.state) > 0:
+            continue
+        saved = [(group["lr"], group["weight_decay"]) for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = group["weight_decay"] = 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        for group, (lr, weight_decay) in zip(inner.param_groups, saved):
+            group["lr"], group["weight_decay"] = lr, weight_decay
+
+
+def load_training_state(model_chunks, optimizer, state: Dict[str, Any]) -> None:
+    """Put a loaded `training_state` into the model and optimizer."""
+    from emu_mc.parallel.setup import unwrap
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    unwrap(model_chunks[0]).load_state_dict(state["model"])
+    with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
+        optimizer.load_state_dict(state["optimizer"])
+    # megatron-core 0.16 with torch.optim.Adam (no apex/TE) restores the iteration count into each param
+    # group's "step" but not into the per-parameter "step" tensors that Adam's bias correction reads
+    # (where it does set them, all parameters share one tensor, which Adam then increments once per
+    # parameter). Give every parameter its own tensor holding the restored count.
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        for group in opt.optimizer.param_groups:
+            for param in group["params"]:
+                param_state = opt.optimizer.state.get(param, {})
+                if "step" in group and isinstance(param_state.get("step"), torch.Tensor):
+                    param_state["step"] = torch.full_like(param_state["step"], group["step"])
+
+
 class Checkpointer:
     def __init__(self, out_dir: str, keep: int):
         self.root = os.path.join(out_dir, "checkpoints")

@@ -187,6 +187,13 @@ class TrainConfig:
     out_dir: str = "runs/default"
     checkpoint_every: int = 0  # 0 = only at the end and on SIGTERM
     keep_checkpoints: int = 2
+    # How the distributed optimizer's state is laid out on disk (megatron-core sharding types):
+    # fully_reshardable: one tensor per parameter, resumes on any TP x PP x DP layout (gathers the
+    #   optimizer state on DP rank 0 while saving); needs the apex/TE fused Adam (megatron-core 0.16's
+    #   loader fails on torch.optim.Adam's per-parameter `step`);
+    # dp_reshardable: each rank writes its own shard, no gather; resumes with the same TP x PP, any DP;
+    # auto: fully_reshardable with apex/TE, dp_reshardable otherwise (CPU).
+    optimizer_checkpoint: Literal["auto", "fully_reshardable", "dp_reshardable"] = "auto"
     max_consecutive_nonfinite: int = 5
     recompute_activations: bool = False
 
@@ -218,6 +225,10 @@ class Config:
         _require(0.0 <= r.dropout < 1.0, "model.resampler.dropout", "in [0, 1)")
         _require(0.0 <= self.data.max_failure_fraction <= 1.0, "data.max_failure_fraction", "in [0, 1]")
         d = self.data
+        _require(self.train.steps >= 1, "train.steps", ">= 1")
+        _require(self.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1")
+        _require(self.train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0 = only at the end and on SIGTERM)")
+        _require(self.train.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", ">= 1")
         _require(d.micro_batch_size >= 1, "data.micro_batch_size", ">= 1")
         _require(d.frames_per_video >= 1, "data.frames_per_video", ">= 1")
         _require(d.num_workers >= 0, "data.num_workers", ">= 0")

@@ -57,16 +57,19 @@ def flops_per_image(cfg: ModelConfig) -> float:
 
 
 class RunLogger:
-    """Rank-0 logging: a console line per step, one JSON object per step in metrics.jsonl, and
-    TensorBoard scalars (when the tensorboard package is importable)."""
+    """Rank-0 logging: one JSON object per step in metrics.jsonl and TensorBoard scalars (when the
+    tensorboard package is importable). A resumed run first drops the records of steps after its
+    checkpoint (they are about to be redone), so metrics.jsonl holds each step once."""
 
-    def __init__(self, out_dir: str, enabled: bool = True):
+    def __init__(self, out_dir: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(out_dir, "metrics.jsonl")
+        _truncate_jsonl(path, resume_step)
+        self.jsonl = open(path, "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
@@ -87,3 +90,22 @@ class RunLogger:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    """Keep only the records of steps <= last_step (and no torn last line), rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill
+                continue
+            if record.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)

@@ -28,6 +28,10 @@ from emu_mc.config import Config, ConfigError, config_to_dict, load_config
 log = logging.getLogger("emu_mc.pretrain")
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row (train.max_consecutive_nonfinite)."""
+
+
 class StopRequest:
     """Set by SIGTERM/SIGINT: the loop checkpoints and exits cleanly at the end of the current step."""
 
@@ -41,9 +45,16 @@ class StopRequest:
 
 
 def setup_logging(rank: int) -> None:
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    """INFO from emu_mc on rank 0, warnings elsewhere; megatron-core's own INFO chatter (bucket
+    listings, config dumps) and its known-harmless deprecation warnings are silenced."""
+    for message in (".*(Apex|Transformer Engine).*", ".*full scope is deprecated.*", ".*ShardedTensor.*",
+                    ".*is deprecated. Please use.*", ".*`load_state_dict` is deprecated.*",
+                    ".*grad attribute of a Tensor that is not a leaf.*"):
+        warnings.filterwarnings("ignore", message=message)
     level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+    logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
 def parse_args(argv):
@@ -64,57 +75,64 @@ def train(cfg: Config) -> dict:
     """Run (or resume) the job described by `cfg`. Returns the last step's metrics."""
     from megatron.core import parallel_state
 
-    from emu_mc.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
     from emu_mc.data import build_data_loader
-    from emu_mc.metrics import RunLogger, device_peak_flops, flops_per_image, flops_per_token
     from emu_mc.parallel.groups import init_distributed
-    from emu_mc.parallel.setup import build_model_and_optimizer, train_step
-    from emu_mc.schedule import lr_at
+    from emu_mc.parallel.setup import build_model_and_optimizer
     from emu_mc.tokenizer import load_tokenizer, special_token_ids
 
     dims = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
     rank = dist.get_rank()
     setup_logging(rank)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     log.info("world %d = TP %d x PP %d x DP %d on %s", dims.world, dims.tp, dims.pp, dims.dp,
-             torch.cuda.get_device_name() if device.type == "cuda" else "CPU (gloo)")
-
+             torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)")
     tokenizer = load_tokenizer(cfg.model.tokenizer)
-    ids = special_token_ids(tokenizer)
-    model_chunks, optimizer = build_model_and_optimizer(cfg, ids, len(tokenizer))
+    model_chunks, optimizer = build_model_and_optimizer(cfg, special_token_ids(tokenizer), len(tokenizer))
     loader = build_data_loader(cfg, tokenizer, dp_rank=parallel_state.get_data_parallel_rank(),
                                dp_size=parallel_state.get_data_parallel_world_size())
+    try:
+        return _train_loop(cfg, dims, model_chunks, optimizer, loader, len(tokenizer))
+    finally:
+        loader.close()
 
+
+def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: int) -> dict:
+    from emu_mc.checkpoint import (Checkpointer, capture_rng_state, load_training_state, optimizer_checkpoint_format,
+                                   restore_rng_state, training_state)
+    from emu_mc.metrics import RunLogger, device_peak_flops, flops_per_image, flops_per_token
+    from emu_mc.parallel.setup import device, train_step
+    from emu_mc.schedule import lr_at
+
+    rank, dev = dist.get_rank(), device()
     checkpointer = Checkpointer(cfg.train.out_dir, cfg.train.keep_checkpoints)
-
-    def sharded_state():
-        model_state = model_chunks[0].sharded_state_dict() if len(model_chunks) == 1 else {
-            f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
-        return {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state)}
+    counters = {"skipped_steps": 0, "nonfinite_in_a_row": 0}
+    optimizer_format = optimizer_checkpoint_format(cfg.train.optimizer_checkpoint)
+    log.info("checkpoints: %s every %s steps, keeping %d; optimizer state %s", checkpointer.root,
+             cfg.train.checkpoint_every or "(end / SIGTERM only)", cfg.train.keep_checkpoints, optimizer_format)
 
     def save(step: int) -> None:
-        checkpointer.save(step, sharded_state(), {"rng": capture_rng_state(), "data": loader.state_dict()},
+        checkpointer.save(step, training_state(model_chunks, optimizer, optimizer_format),
+                          {"rng": capture_rng_state(), "data": loader.state_dict(), "counters": dict(counters)},
                           {"config": config_to_dict(cfg), "tp": dims.tp, "pp": dims.pp, "dp": dims.dp})
 
-    start_step = 0
-    latest = checkpointer.latest()
+    start_step, latest = 0, checkpointer.latest()
     if latest is not None:
-        state, rank_state, meta = checkpointer.load(latest, sharded_state())
-        if len(model_chunks) == 1:
-            model_chunks[0].load_state_dict(state["model"])
-        else:
-            for i, chunk in enumerate(model_chunks):
-                chunk.load_state_dict(state["model"][f"model{i}"])
-        optimizer.load_state_dict(state["optimizer"])
+        state, rank_state, meta = checkpointer.load(
+            latest, training_state(model_chunks, optimizer, optimizer_format, is_loading=True))
+        load_training_state(model_chunks, optimizer, state)
         loader.load_state_dict(rank_state["data"])
         restore_rng_state(rank_state["rng"])
+        counters.update(rank_state["counters"])
         start_step = meta["step"]
-        log.info("resumed from %s at step %d", latest, start_step)
+        log.info("resumed from %s at step %d (written by TP %d x PP %d x DP %d)", latest, start_step,
+                 meta["tp"], meta["pp"], meta["dp"])
+    if start_step >= cfg.train.steps:
+        log.info("nothing to do: the latest checkpoint is at step %d and train.steps is %d", start_step, cfg.train.steps)
+        return {}
 
-    flop_token = flops_per_token(cfg.model, cfg.data.seq_length, len(tokenizer))
+    flop_token = flops_per_token(cfg.model, cfg.data.seq_length, vocab_size)
     flop_image = flops_per_image(cfg.model)
     peak = device_peak_flops()
-    run_log = RunLogger(cfg.train.out_dir, enabled=rank == 0)
+    run_log = RunLogger(cfg.train.out_dir, enabled=rank == 0, resume_step=start_step)
     stop = StopRequest()
     progress = None
     if rank == 0:
@@ -122,61 +140,70 @@ def train(cfg: Config) -> dict:
         progress = tqdm(total=cfg.train.steps, initial=start_step, desc="pretrain", dynamic_ncols=True,
                         disable=not sys.stderr.isatty())
 
-    nonfinite_in_a_row, skipped_total, metrics = 0, 0, {}
-    for step in range(start_step, cfg.train.steps):
-        lr = lr_at(step, cfg.optim, cfg.train.steps)
-        t0 = time.perf_counter()
-        microbatches = [next(loader) for _ in range(cfg.parallel.num_microbatches)]
-        t_data = time.perf_counter() - t0
-        out = train_step(model_chunks, optimizer, microbatches, lr)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+    metrics = {}
+    try:
+        for step in range(start_step, cfg.train.steps):
+            lr = lr_at(step, cfg.optim, cfg.train.steps)
+            t0 = time.perf_counter()
+            microbatches = [next(loader) for _ in range(cfg.parallel.num_microbatches)]
+            t_data = time.perf_counter() - t0
+            out = train_step(model_chunks, optimizer, microbatches, lr)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
 
-        tokens, images = all_reduce_sum([sum(b.num_tokens for b in microbatches) / (dims.tp * dims.pp),
-                                         sum(b.images.shape[0] for b in microbatches) / (dims.tp * dims.pp)], device)
-        flops = tokens * flop_token + images * flop_image
-        if out["skipped"]:
-            nonfinite_in_a_row += 1
-            skipped_total += 1
-            log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
-                        step + 1, out["loss"], out["grad_norm"], nonfinite_in_a_row)
-            if nonfinite_in_a_row >= cfg.train.max_consecutive_nonfinite:
-                raise RuntimeError(f"{nonfinite_in_a_row} consecutive non-finite steps (train.max_consecutive_nonfinite = "
-                                   f"{cfg.train.max_consecutive_nonfinite}); stopping. Lower optim.lr or check the data.")
-        else:
-            nonfinite_in_a_row = 0
-        metrics = {
-            "loss": out["loss"], "ce": out["ce"], "reg": out["reg"], "grad_norm": out["grad_norm"], "lr": lr,
-            "step_time_s": dt, "data_time_s": t_data, "tokens_per_s": tokens / dt, "images_per_s": images / dt,
-            "tflops_per_device": flops / dt / dims.world / 1e12,
-            "mfu": flops / dt / (peak * dims.world) if peak else None, "skipped_steps": skipped_total,
-        }
-        run_log.log(step + 1, metrics)
-        if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step == start_step):
-            mfu = f"{metrics['mfu']:.1%}" if metrics["mfu"] is not None else "n/a"
-            log.info("step %d/%d | loss %.4f ce %.4f reg %.4f | grad %.3f | lr %.2e | %.2fs | %.0f tok/s %.1f img/s | mfu %s",
-                     step + 1, cfg.train.steps, out["loss"], out["ce"], out["reg"], out["grad_norm"], lr, dt,
-                     metrics["tokens_per_s"], metrics["images_per_s"], mfu)
+            _count_nonfinite(out, step, counters)
+            # every TP x PP rank of a DP replica holds the same batch: count it once
+            tokens, images = all_reduce_sum([sum(b.num_tokens for b in microbatches) / (dims.tp * dims.pp),
+                                             sum(b.images.shape[0] for b in microbatches) / (dims.tp * dims.pp)], dev)
+            flops = tokens * flop_token + images * flop_image
+            metrics = {
+                "loss": out["loss"], "ce": out["ce"], "reg": out["reg"], "grad_norm": out["grad_norm"], "lr": lr,
+                "step_time_s": dt, "data_time_s": t_data, "tokens_per_s": tokens / dt, "images_per_s": images / dt,
+                "tflops_per_device": flops / dt / dims.world / 1e12,
+                "mfu": flops / dt / (peak * dims.world) if peak else None, "skipped_steps": counters["skipped_steps"],
+            }
+            run_log.log(step + 1, metrics)
+            if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step == start_step):
+                mfu = f"{metrics['mfu']:.1%}" if metrics["mfu"] is not None else "n/a"
+                log.info("step %d/%d | loss %.4f ce %.4f reg %.4f | grad %.3f | lr %.2e | %.2fs (data %.2fs) | "
+                         "%.0f tok/s %.1f img/s | mfu %s", step + 1, cfg.train.steps, out["loss"], out["ce"],
+                         out["reg"], out["grad_norm"], lr, dt, t_data, metrics["tokens_per_s"],
+                         metrics["images_per_s"], mfu)
+            limit = cfg.train.max_consecutive_nonfinite
+            if counters["nonfinite_in_a_row"] >= limit:
+                raise TrainingDiverged(f"{limit} consecutive non-finite steps (train.max_consecutive_nonfinite = "
+                                       f"{limit}); stopping. Lower optim.lr or check the data.")
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{out['loss']:.3f}")
+
+            last = step + 1 == cfg.train.steps
+            due = cfg.train.checkpoint_every > 0 and (step + 1) % cfg.train.checkpoint_every == 0
+            stopping = _any_rank(stop.requested, dev)
+            if due or last or stopping:
+                save(step + 1)
+            if stopping:
+                log.info("stopped by signal after step %d; run the same command to resume", step + 1)
+                break
+    finally:
         if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{out['loss']:.3f}")
-
-        last = step + 1 == cfg.train.steps
-        due = cfg.train.checkpoint_every > 0 and (step + 1) % cfg.train.checkpoint_every == 0
-        stopping = _any_rank(stop.requested, device)
-        if due or last or stopping:
-            save(step + 1)
-        if stopping:
-            log.info("stopped by signal after step %d; resume by running the same command", step + 1)
-            break
-
-    if progress is not None:
-        progress.close()
+            progress.close()
+        run_log.close()
     if rank == 0:
         log.info("data: %s", loader.stats())
-    run_log.close()
     return metrics
+
+
+def _count_nonfinite(out: dict, step: int, counters: dict) -> None:
+    """Count skipped (non-finite) steps, in total and in a row."""
+    if not out["skipped"]:
+        counters["nonfinite_in_a_row"] = 0
+        return
+    counters["nonfinite_in_a_row"] += 1
+    counters["skipped_steps"] += 1
+    log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
+                step + 1, out["loss"], out["grad_norm"], counters["nonfinite_in_a_row"])
 
 
 def _any_rank(flag: bool, device) -> bool:
@@ -198,6 +225,9 @@ def main(argv=None) -> int:
     setup_logging(int(os.environ.get("RANK", 0)))
     try:
         train(cfg)
+    except TrainingDiverged as err:
+        log.error("%s", err)
+        return 1
     finally:
         from emu_mc.parallel.groups import destroy_distributed
         destroy_distributed()

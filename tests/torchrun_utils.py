@@ -8,9 +8,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun_command(script: str, args: Sequence[str] = (), nproc: int = 2,
+                     env: Optional[Dict[str, str]] = None) -> Tuple[List[str], Dict[str, str]]:
+    """(argv, environment) that run `script` (relative to the repo root) on `nproc` local processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO_ROOT / script), *map(str, args)]
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
 
 
 def torchrun(script: str, args: Sequence[str] = (), *, nproc: int = 2, timeout: float = 300,
@@ -20,9 +28,7 @@ def torchrun(script: str, args: Sequence[str] = (), *, nproc: int = 2, timeout: 
     Returns the finished process (stdout and stderr merged in `.stdout`); raises AssertionError with
     the output's tail when it exits non-zero (if `check`) or runs past `timeout` seconds.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO_ROOT / script), *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    cmd, full_env = torchrun_command(script, args, nproc, env)
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=timeout)
