@@ -179,18 +179,20 @@ class Checkpointer:
         for old in done[: max(len(done) - self.keep, 0)]:
             shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
 
-    def load(self, path: str, sharded_state_dict: Dict[str, Any]):
-        """Collective. Returns (loaded state dict, this rank's rank_state, meta)."""
+    def read_meta(self, path: str) -> Dict[str, Any]:
+        with open(os.path.join(path, "meta.json")) as f:
+            return json.load(f)
+
+    def load(self, path: str, sharded_state_dict: Dict[str, Any], same_layout: bool):
+        """Collective. Returns (loaded state dict, this rank's rank_state or None, meta).
+
+        Model and optimizer reshard; the per-rank data-loader and RNG states come back only when the
+        checkpoint was written by the same TP x PP x DP layout (`same_layout`), else None."""
         from megatron.core import dist_checkpointing
 
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-        if meta["world_size"] != dist.get_world_size():
-            raise RuntimeError(
-                f"{path} was written by {meta['world_size']} ranks, this run has {dist.get_world_size()}: "
-                "model and optimizer reshard, but the per-rank data-loader and RNG states do not; "
-                "resume with the same world size"
-            )
+        meta = self.read_meta(path)
         state = dist_checkpointing.load(sharded_state_dict, path)
-        rank_state = torch.load(os.path.join(path, f"rank_{dist.get_rank():05d}.pt"), weights_only=False)
+        rank_state = None
+        if same_layout:
+            rank_state = torch.load(os.path.join(path, f"rank_{dist.get_rank():05d}.pt"), weights_only=False)
         return state, rank_state, meta

@@ -32,7 +32,7 @@ class VisionConfig:
     num_heads: int = 16
     mlp_hidden: int = 6144
     norm_eps: float = 1e-6
-    freeze: bool = False
+    freeze: bool = False  # the ViT and ln_visual get no gradient and no update
     # Pretrained weights: a safetensors file from `python -m emu_mc.convert eva-to-emu`; "" = random init.
     init_from: str = ""
 

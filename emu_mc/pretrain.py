@@ -112,19 +112,28 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     def save(step: int) -> None:
         checkpointer.save(step, training_state(model_chunks, optimizer, optimizer_format),
                           {"rng": capture_rng_state(), "data": loader.state_dict(), "counters": dict(counters)},
-                          {"config": config_to_dict(cfg), "tp": dims.tp, "pp": dims.pp, "dp": dims.dp})
+                          {"config": config_to_dict(cfg), "tp": dims.tp, "pp": dims.pp, "dp": dims.dp,
+                           "optimizer_format": optimizer_format})
 
     start_step, latest = 0, checkpointer.latest()
     if latest is not None:
+        meta = checkpointer.read_meta(latest)
+        layout, saved_layout = (dims.tp, dims.pp, dims.dp), (meta["tp"], meta["pp"], meta["dp"])
+        _check_reshardable(meta.get("optimizer_format", optimizer_format), saved_layout, layout)
         state, rank_state, meta = checkpointer.load(
-            latest, training_state(model_chunks, optimizer, optimizer_format, is_loading=True))
+            latest, training_state(model_chunks, optimizer, optimizer_format, is_loading=True),
+            same_layout=layout == saved_layout)
         load_training_state(model_chunks, optimizer, state)
-        loader.load_state_dict(rank_state["data"])
-        restore_rng_state(rank_state["rng"])
-        counters.update(rank_state["counters"])
+        if rank_state is not None:
+            loader.load_state_dict(rank_state["data"])
+            restore_rng_state(rank_state["rng"])
+            counters.update(rank_state["counters"])
+        else:
+            log.warning("layout changed from TP %d x PP %d x DP %d to TP %d x PP %d x DP %d: model and optimizer "
+                        "resharded; the data loader starts afresh on the new DP ranks and RNG states are "
+                        "reseeded, so this is a continuation, not an exact resume", *saved_layout, *layout)
         start_step = meta["step"]
-        log.info("resumed from %s at step %d (written by TP %d x PP %d x DP %d)", latest, start_step,
-                 meta["tp"], meta["pp"], meta["dp"])
+        log.info("resumed from %s at step %d (written by TP %d x PP %d x DP %d)", latest, start_step, *saved_layout)
     if start_step >= cfg.train.steps:
         log.info("nothing to do: the latest checkpoint is at step %d and train.steps is %d", start_step, cfg.train.steps)
         return {}
@@ -193,6 +202,16 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     if rank == 0:
         log.info("data: %s", loader.stats())
     return metrics
+
+
+def _check_reshardable(optimizer_format: str, saved, current) -> None:
+    """dp_reshardable optimizer state reloads only into the same TP x PP (any DP)."""
+    if optimizer_format == "dp_reshardable" and saved[:2] != current[:2]:
+        raise RuntimeError(
+            f"the latest checkpoint was written by TP {saved[0]} x PP {saved[1]} with dp_reshardable optimizer "
+            f"state, which reloads only into the same TP x PP (any DP); this run is TP {current[0]} x PP "
+            f"{current[1]}. Resume with that TP x PP, or write checkpoints with "
+            "train.optimizer_checkpoint: fully_reshardable (needs apex or transformer-engine)")
 
 
 def _count_nonfinite(out: dict, step: int, counters: dict) -> None:

@@ -76,8 +76,9 @@ class EmuModel(MegatronModule):
         self._apply_freezing()
 
     def _apply_freezing(self) -> None:
-        if self.pre_process and self.cfg.vision.freeze:
+        if self.pre_process and self.cfg.vision.freeze:  # the ViT and ln_visual: the "vision" component
             self.vision.requires_grad_(False)
+            self.ln_visual.requires_grad_(False)
         if self.pre_process and self.cfg.resampler.freeze:
             self.resampler.requires_grad_(False)
         if self.cfg.llm.freeze:

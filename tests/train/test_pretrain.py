@@ -172,3 +172,19 @@ def test_bad_config_fails_before_any_process_group(tmp_path, overrides, env, mes
     proc = run_single_process(*pretrain_args(tmp_path / "run", *overrides), env=env)
     assert proc.returncode == 2 and message in proc.stdout, proc.stdout[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_on_another_data_parallel_size(tmp_path):
+    """DP 2 -> DP 1: model and optimizer reshard (dp_reshardable on CPU), training continues."""
+    out = tmp_path / "run"
+    torchrun(PRETRAIN, pretrain_args(out, "--train.steps", 4), nproc=2, timeout=600)
+    proc = run_single_process(*pretrain_args(out, "--train.steps", 6))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "layout changed from TP 1 x PP 1 x DP 2 to TP 1 x PP 1 x DP 1" in proc.stdout
+    metrics = read_metrics(out)
+    assert sorted(metrics) == list(range(1, 7))
+    assert metrics[5]["loss"] < metrics[1]["loss"]  # it continued from trained weights, not from scratch
+
+    proc = torchrun(PRETRAIN, pretrain_args(out, "--train.steps", 8, "--parallel.tensor_parallel", 2), nproc=2,
+                    timeout=600, check=False)
+    assert proc.returncode != 0 and "reloads only into the same TP x PP" in proc.stdout
