@@ -13,12 +13,23 @@ from typing import Dict, List, Optional, Sequence, Tuple
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# What a single-process world in the test process (conftest's `single_process_world`) puts in
+# os.environ; a child inheriting it would try to join that world's rendezvous port.
+_WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra: str) -> Dict[str, str]:
+    """The test process's environment minus its torch.distributed world, plus the repo on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k not in _WORLD_ENV}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **extra}
+
+
 def torchrun_command(script: str, args: Sequence[str] = (), nproc: int = 2,
                      env: Optional[Dict[str, str]] = None) -> Tuple[List[str], Dict[str, str]]:
     """(argv, environment) that run `script` (relative to the repo root) on `nproc` local processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO_ROOT / script), *map(str, args)]
-    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    return cmd, child_env(**(env or {}))
 
 
 def torchrun(script: str, args: Sequence[str] = (), *, nproc: int = 2, timeout: float = 300,

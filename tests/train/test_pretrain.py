@@ -2,7 +2,6 @@
 the bundled sample data — training, checkpoints, kill -9 + resume, SIGTERM, guard rails."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.torchrun_utils import REPO_ROOT, torchrun, torchrun_command
+from tests.torchrun_utils import REPO_ROOT, child_env, torchrun, torchrun_command
 
 PRETRAIN = "emu_mc/pretrain.py"
 CONFIG = "configs/tiny.yaml"
@@ -148,7 +147,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 def run_single_process(*args, env=None):
     """python -m emu_mc.pretrain in one process (no torchrun)."""
     return subprocess.run([sys.executable, "-m", "emu_mc.pretrain", *map(str, args)], cwd=REPO_ROOT,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
+                          env=child_env(**(env or {})),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
 
 
