@@ -16,9 +16,7 @@ Reported: decoded frames/s (frames handed out), samples/s (clips or images), wit
 --workers threads (each with its own DALI pipelines), median of --reps passes over the files.
 """
 import argparse
-import datetime
 import io
-import json
 import os
 import platform
 import statistics
@@ -32,6 +30,8 @@ import torch
 from emu_mc.data.decode import CpuDecoder, DaliDecoder, dali_available
 from emu_mc.data.shards import expand_shards, index_shard, read_sample
 from emu_mc.data.sources import IMAGE_EXTS, VIDEO_EXTS
+
+from results_io import device_name, save_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -194,8 +194,7 @@ def main():
         "image": [("sample images", [b for _, b in images]), ("512 jpeg", [buf.getvalue()] * 8)],
     }
     file_sets["vp9"] = [fs for fs in file_sets["video"] if "webm" in fs[0]]
-    device_name = torch.cuda.get_device_name() if cuda else f"CPU {platform.machine()} ({os.cpu_count()} cores)"
-    notes = [f"{device_name}; median of {args.reps} passes; threads 1 and {args.workers}"]
+    notes = [f"{device_name()}; median of {args.reps} passes; threads 1 and {args.workers}"]
     skipped = [n for n in ("torchcodec", "decord") if not importable(n)]
     if skipped:
         notes.append(f"not importable, not run: {', '.join(skipped)}")
@@ -220,18 +219,8 @@ def main():
     if dali_available():
         import nvidia.dali
         versions["nvidia-dali"] = nvidia.dali.__version__
-    record = {"bench": "data_decode", "device": device_name, "cuda": cuda, "versions": versions,
-              "python": platform.python_version(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "notes": notes, "rows": rows}
-    tag = "".join(c if c.isalnum() else "_" for c in (torch.cuda.get_device_name() if cuda else "cpu")).strip("_")
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"data_bench_{tag}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=1)
-    with open(os.path.splitext(out)[0] + ".txt", "w") as f:
-        f.write("\n".join(notes) + "\n\n" + table + "\n")
-    print(f"wrote {out} and {os.path.splitext(out)[0]}.txt")
+    save_results("data", {"versions": versions, "python": platform.python_version(), "notes": notes, "rows": rows},
+                 notes, table, args.out)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,8 @@ Without CUDA only eager and compile run, at tiny sizes: the Triton kernel would 
 interpreter there, an emulator, which is not something to time.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -33,7 +31,8 @@ import triton
 
 from emu_mc.kernels.mixed_loss import mixed_ce_regression_loss
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from results_io import device_name, save_results
+
 IGNORE = -100
 MIB = 2 ** 20
 
@@ -195,13 +194,12 @@ def main():
         raise SystemExit("TRITON_INTERPRET=1 is set: the Triton kernel would be interpreted, not benchmarked")
     quick = args.quick or not cuda
     device = "cuda" if cuda else "cpu"
-    device_name = torch.cuda.get_device_name() if cuda else f"CPU {platform.machine()} ({os.cpu_count()} cores)"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or
                                                                                       ("bf16" if cuda else "fp32")]
     sizes = args.rows or ([256, 1024, 4096] if quick else [4096, 16384, 65536])
     V, H = args.vocab or (4096 if quick else 32000), args.hidden or (256 if quick else 5120)
     impls, missing = implementations(cuda)
-    notes = [f"{device_name}, {dtype}, V={V} H=E={H}, R=N/8 regression rows, 1/8 of text rows ignored, "
+    notes = [f"{device_name()}, {dtype}, V={V} H=E={H}, R=N/8 regression rows, 1/8 of text rows ignored, "
              f"N sweep {sizes}; forward+backward"]
     notes += [f"not run: {name}: {why}" for name, why in missing.items()]
     if not cuda:
@@ -213,18 +211,8 @@ def main():
         print(format_table([r for r in rows if r["N"] == N]).split("\n", 2)[-1], flush=True)
     table = format_table(rows)
     print("\n" + table)
-    record = {"bench": "mixed_loss", "device": device_name, "cuda": cuda, "quick": quick, "dtype": str(dtype),
-              "torch": torch.__version__, "triton": triton.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "shapes": {"V": V, "H": H, "E": H, "rows": sizes}, "notes": notes, "rows": rows}
-    tag = "".join(c if c.isalnum() else "_" for c in (torch.cuda.get_device_name() if cuda else "cpu")).strip("_")
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"loss_bench_{tag}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=1)
-    with open(os.path.splitext(out)[0] + ".txt", "w") as f:
-        f.write("\n".join(notes) + "\n\n" + table + "\n")
-    print(f"wrote {out} and {os.path.splitext(out)[0]}.txt")
+    save_results("loss", {"quick": quick, "dtype": str(dtype), "shapes": {"V": V, "H": H, "E": H, "rows": sizes},
+                          "notes": notes, "rows": rows}, notes, table, args.out)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,7 @@ Without CUDA only eager, SDPA and flex run, at reduced sizes: the Triton kernel 
 the Triton interpreter there, which is an emulator, not something to time.
 """
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -35,7 +32,8 @@ from emu_mc.kernels.resampler_attention import (
     relative_bias_matrix, relative_position_bucket, resampler_attention, resampler_attention_reference,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from results_io import device_name, save_results
+
 H, D, LQ, NUM_BUCKETS, MAX_DISTANCE = 12, 64, 32, 32, 128
 MODES = ("fwd", "fwd+bwd")
 WORKLOADS = {"self": dict(Lk=LQ, causal=True, bias=True), "cross": dict(Lk=257, causal=False, bias=False)}
@@ -219,17 +217,17 @@ def main():
         raise SystemExit("TRITON_INTERPRET=1 is set: the Triton kernel would be interpreted, not benchmarked")
     quick = args.quick or not cuda
     device = "cuda" if cuda else "cpu"
-    device_name = torch.cuda.get_device_name() if cuda else f"CPU {platform.machine()} ({os.cpu_count()} cores)"
+    name = device_name()
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = dtypes[args.dtype or ("bf16" if cuda else "fp32")]
     batches = args.batch or ([4, 16, 64] if quick else [64, 128, 256, 512, 1024])
-    peak_gbps = next((gbps for key, gbps in PEAK_GBPS if key in device_name), None) if cuda else None
-    notes = [f"{device_name}, {dtype}, H={H} D={D} Lq={LQ}, B sweep {batches}"]
+    peak_gbps = next((gbps for key, gbps in PEAK_GBPS if key in name), None) if cuda else None
+    notes = [f"{name}, {dtype}, H={H} D={D} Lq={LQ}, B sweep {batches}"]
     if not cuda:
         notes.append("NO CUDA: quick mode, PyTorch paths only (eager, SDPA, flex if it compiles here); the Triton "
                      "kernel is not timed (it would run under the interpreter). CPU numbers say nothing about a GPU.")
     elif peak_gbps is None:
-        notes.append(f"peak bandwidth of '{device_name}' unknown: no % of peak")
+        notes.append(f"peak bandwidth of '{name}' unknown: no % of peak")
     print("\n".join(notes))
 
     rows = []
@@ -241,19 +239,9 @@ def main():
     table = format_table(rows)
     print("\n" + table)
 
-    record = {"bench": "resampler_attention", "device": device_name, "cuda": cuda, "quick": quick,
-              "dtype": str(dtype), "peak_gbps": peak_gbps, "torch": torch.__version__, "triton": triton.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "shapes": {"H": H, "D": D, "Lq": LQ, "workloads": WORKLOADS, "batches": batches},
-              "notes": notes, "rows": rows}
-    tag = "".join(c if c.isalnum() else "_" for c in (torch.cuda.get_device_name() if cuda else "cpu")).strip("_")
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"resampler_bench_{tag}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=1)
-    with open(os.path.splitext(out)[0] + ".txt", "w") as f:
-        f.write("\n".join(notes) + "\n\n" + table + "\n")
-    print(f"wrote {out} and {os.path.splitext(out)[0]}.txt")
+    save_results("resampler", {"quick": quick, "dtype": str(dtype), "peak_gbps": peak_gbps,
+                               "shapes": {"H": H, "D": D, "Lq": LQ, "workloads": WORKLOADS, "batches": batches},
+                               "notes": notes, "rows": rows}, notes, table, args.out)
 
 
 if __name__ == "__main__":

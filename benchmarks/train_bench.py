@@ -2,22 +2,21 @@
 with the fused kernels on and off, side by side in one run.
 
     python benchmarks/train_bench.py                                  # CPU: tiny config, 1 process
-    python benchmarks/train_bench.py --config configs/bench_1b.yaml --nproc 1 --steps 30   # one GPU
+    python benchmarks/train_bench.py --config configs/bench_1b.yaml --steps 30     # one GPU, ~1B params
 
 Each variant is a real `emu_mc/pretrain.py` run (torchrun when --nproc > 1) into a fresh out_dir;
 numbers are medians over the steps after --warmup. Prints a table and writes JSON to --out.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from results_io import ROOT, device_name, save_results
+
 
 VARIANTS = {
     "fused (triton attention + triton loss)": ["--model.resampler.attention_impl", "triton", "--model.loss.impl", "triton"],
@@ -48,41 +47,38 @@ def main():
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_bench_<device>.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_bench_<device>.json); "
+                                                    "the table goes next to it as .txt")
     args = parser.parse_args()
 
     import torch
 
     cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     variants = VARIANTS if cuda else {k: v for k, v in VARIANTS.items() if k.startswith("reference")}
+    notes = [f"{device_name()}; {os.path.relpath(args.config, ROOT)}, {args.nproc} process(es), "
+             f"median of steps {args.warmup + 1}..{args.steps}"]
     if not cuda:
-        print("no CUDA device: timing the PyTorch reference path only (Triton kernels are GPU-only outside the interpreter)")
+        notes.append("no CUDA: the PyTorch reference path only (Triton kernels run on CPU only under the "
+                     "interpreter); MFU n/a (no CPU peak). CPU numbers say nothing about a GPU.")
+    print("\n".join(notes))
     results = {}
     for name, extra in variants.items():
         with tempfile.TemporaryDirectory() as out_dir:
             results[name] = summarise(run_variant(args.config, args.nproc, args.steps, extra, out_dir), args.warmup)
 
-    print(f"\ntrain_bench: {os.path.relpath(args.config, ROOT)}, {args.nproc} process(es), {device}")
-    header = f"{'variant':42s} {'step s':>8s} {'tok/s':>10s} {'img/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s}"
-    print(header + "\n" + "-" * len(header))
+    header = f"{'variant':42s} {'step s':>8s} {'tok/s':>10s} {'img/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'loss':>7s}"
+    lines = [header, "-" * len(header)]
     for name, r in results.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"{name:42s} {r['step_time_s']:8.3f} {r['tokens_per_s']:10.0f} {r['images_per_s']:8.1f} "
-              f"{r['tflops_per_device']:8.3f} {mfu:>6s}")
+        lines.append(f"{name:42s} {r['step_time_s']:8.3f} {r['tokens_per_s']:10.0f} {r['images_per_s']:8.1f} "
+                     f"{r['tflops_per_device']:8.4f} {mfu:>6s} {r['final_loss']:7.4f}")
     if len(results) == 2:
         fused, ref = results.values()
-        print(f"speed-up fused / reference: {ref['step_time_s'] / fused['step_time_s']:.2f}x")
-
-    record = {"bench": "train", "config": os.path.relpath(args.config, ROOT), "nproc": args.nproc, "device": device,
-              "torch": torch.__version__, "date": datetime.date.today().isoformat(), "results": results}
-    out = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                   f"train_bench_{'cuda' if cuda else 'cpu'}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"wrote {out}")
-
+        lines.append(f"speed-up fused / reference: {ref['step_time_s'] / fused['step_time_s']:.2f}x")
+    table = "\n".join(lines)
+    print("\n" + table)
+    save_results("train", {"config": os.path.relpath(args.config, ROOT), "nproc": args.nproc, "steps": args.steps,
+                           "warmup": args.warmup, "notes": notes, "results": results}, notes, table, args.out)
 
 if __name__ == "__main__":
     main()

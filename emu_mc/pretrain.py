@@ -106,8 +106,9 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     checkpointer = Checkpointer(cfg.train.out_dir, cfg.train.keep_checkpoints)
     counters = {"skipped_steps": 0, "nonfinite_in_a_row": 0}
     optimizer_format = optimizer_checkpoint_format(cfg.train.optimizer_checkpoint)
-    log.info("checkpoints: %s every %s steps, keeping %d; optimizer state %s", checkpointer.root,
-             cfg.train.checkpoint_every or "(end / SIGTERM only)", cfg.train.keep_checkpoints, optimizer_format)
+    when = f"every {cfg.train.checkpoint_every} steps, " if cfg.train.checkpoint_every else ""
+    log.info("checkpoints: %s %sat the end and on SIGTERM, keeping %d; optimizer state %s", checkpointer.root,
+             when, cfg.train.keep_checkpoints, optimizer_format)
 
     def save(step: int) -> None:
         checkpointer.save(step, training_state(model_chunks, optimizer, optimizer_format),

@@ -8,7 +8,7 @@ Only images that are kept are decoded.
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 

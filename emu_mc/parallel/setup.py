@@ -14,7 +14,6 @@ Layout (see EmuModel's docstring for what each pipeline stage holds):
   parameters once).
 """
 import logging
-from functools import partial
 from typing import Dict, List, Tuple
 
 import torch

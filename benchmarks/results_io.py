@@ -1,0 +1,50 @@
+"""What every benchmark does with its numbers: name the device, print the table, save JSON + the table.
+
+Benchmarks run as scripts (`python benchmarks/x.py`), so this module is imported from the script's
+own directory.
+"""
+import datetime
+import json
+import os
+import platform
+from typing import Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def device_name() -> str:
+    """The CUDA device's name, or the CPU's architecture and core count."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
+
+
+def save_results(bench: str, record: Dict, notes: List[str], table: str, out: Optional[str] = None) -> str:
+    """Write `record` (plus device, versions and a UTC timestamp) as JSON and notes + table as .txt beside it.
+
+    Default path: benchmarks/results/<bench>_bench_<device tag>.json, the tag "cpu" or the CUDA device's name.
+    Returns the JSON path.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    versions = {"torch": torch.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    record = {"bench": bench, "device": device_name(), "cuda": cuda, **versions,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **record}
+    tag = "".join(c if c.isalnum() else "_" for c in (torch.cuda.get_device_name() if cuda else "cpu")).strip("_")
+    out = out or os.path.join(ROOT, "benchmarks", "results", f"{bench}_bench_{tag}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.splitext(out)[0] + ".txt", "w") as f:
+        f.write("\n".join(notes) + "\n\n" + table + "\n")
+    print(f"wrote {out} and {os.path.splitext(out)[0]}.txt")
+    return out
