@@ -37,7 +37,7 @@ def run_variant(config, nproc, steps, extra, out_dir):
 def summarise(rows, warmup):
     timed = rows[warmup:] or rows
     med = lambda key: statistics.median(r[key] for r in timed) if timed[0].get(key) is not None else None
-    return {k: med(k) for k in ("step_time_s", "tokens_per_s", "images_per_s", "tflops_per_device", "mfu")} | {
+    return {k: med(k) for k in ("step_time_s", "data_time_s", "tokens_per_s", "images_per_s", "tflops_per_device", "mfu")} | {
         "final_loss": rows[-1]["loss"], "steps_timed": len(timed)}
 
 
@@ -66,11 +66,13 @@ def main():
         with tempfile.TemporaryDirectory() as out_dir:
             results[name] = summarise(run_variant(args.config, args.nproc, args.steps, extra, out_dir), args.warmup)
 
-    header = f"{'variant':42s} {'step s':>8s} {'tok/s':>10s} {'img/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'loss':>7s}"
+    # "data wait": the share of a step spent waiting for the loader (the loader starves training when it is large)
+    header = (f"{'variant':42s} {'step s':>8s} {'data wait':>9s} {'tok/s':>10s} {'img/s':>8s} {'TFLOP/s':>8s} "
+              f"{'MFU':>6s} {'loss':>7s}")
     lines = [header, "-" * len(header)]
     for name, r in results.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        lines.append(f"{name:42s} {r['step_time_s']:8.3f} {r['tokens_per_s']:10.0f} {r['images_per_s']:8.1f} "
+        lines.append(f"{name:42s} {r['step_time_s']:8.3f} {r['data_time_s'] / r['step_time_s']:9.1%} {r['tokens_per_s']:10.0f} {r['images_per_s']:8.1f} "
                      f"{r['tflops_per_device']:8.4f} {mfu:>6s} {r['final_loss']:7.4f}")
     if len(results) == 2:
         fused, ref = results.values()
