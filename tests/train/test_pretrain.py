@@ -187,3 +187,18 @@ def test_resume_on_another_data_parallel_size(tmp_path):
     proc = torchrun(PRETRAIN, pretrain_args(out, "--train.steps", 8, "--parallel.tensor_parallel", 2), nproc=2,
                     timeout=600, check=False)
     assert proc.returncode != 0 and "reloads only into the same TP x PP" in proc.stdout
+
+
+def test_resume_with_a_replicated_optimizer_repeats_the_uninterrupted_losses(tmp_path):
+    """parallel.distributed_optimizer false: every DP rank holds the full optimizer state; stop at a
+    checkpoint, run the same command longer, and the losses continue as in one run."""
+    replicated = ("--parallel.distributed_optimizer", "false")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    torchrun(PRETRAIN, pretrain_args(straight, *replicated, "--train.steps", 6), nproc=2, timeout=600)
+    torchrun(PRETRAIN, pretrain_args(split, *replicated, "--train.steps", 3), nproc=2, timeout=600)
+    torchrun(PRETRAIN, pretrain_args(split, *replicated, "--train.steps", 6), nproc=2, timeout=600)
+    expected, resumed = read_metrics(straight), read_metrics(split)
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        for key in ("loss", "grad_norm"):
+            assert resumed[step][key] == pytest.approx(expected[step][key], rel=LOSS_RTOL), (step, key)
