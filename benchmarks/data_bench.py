@@ -31,7 +31,7 @@ from emu_mc.data.decode import CpuDecoder, DaliDecoder, dali_available
 from emu_mc.data.shards import expand_shards, index_shard, read_sample
 from emu_mc.data.sources import IMAGE_EXTS, VIDEO_EXTS
 
-from results_io import device_name, save_results
+from bench_common import device_name, save_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,17 +21,14 @@ interpreter there, an emulator, which is not something to time.
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from emu_mc.kernels.mixed_loss import mixed_ce_regression_loss
 
-from results_io import device_name, save_results
+from bench_common import device_name, save_results, time_ms
 
 IGNORE = -100
 MIB = 2 ** 20
@@ -103,19 +100,6 @@ def fwd_bwd(loss, inputs):
     return total.detach()
 
 
-def time_ms(fn, cuda, reps):
-    """Median milliseconds of fn(): triton.testing.do_bench on CUDA, wall clock on CPU (after one warm-up)."""
-    if cuda:
-        return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def peak_mib(fn, cuda):
     """Peak bytes allocated by fn() above what was allocated before it, in MiB."""
     if cuda:
@@ -147,7 +131,7 @@ def bench_case(N, V, H, impls, dtype, cuda, device, reps):
         row = {"N": N, "V": V, "H": H, "impl": name}
         try:
             err = abs(fwd_bwd(loss, inputs).item() - want)  # also the warm-up (compiles)
-            row |= {"ms": time_ms(lambda: fwd_bwd(loss, inputs), cuda, reps),
+            row |= {"ms": time_ms(lambda: fwd_bwd(loss, inputs), cuda, reps, warmup_ms=5, rep_ms=50),
                     "peak_mib": peak_mib(lambda: fwd_bwd(loss, inputs), cuda), "abs_err": err}
         except Exception as exc:  # an alternative that cannot run here (e.g. out of memory) is reported
             row["skipped"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"

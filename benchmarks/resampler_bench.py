@@ -21,18 +21,15 @@ the Triton interpreter there, which is an emulator, not something to time.
 """
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from emu_mc.kernels.resampler_attention import (
     relative_bias_matrix, relative_position_bucket, resampler_attention, resampler_attention_reference,
 )
 
-from results_io import device_name, save_results
+from bench_common import device_name, save_results, time_ms
 
 H, D, LQ, NUM_BUCKETS, MAX_DISTANCE = 12, 64, 32, 32, 128
 MODES = ("fwd", "fwd+bwd")
@@ -119,19 +116,6 @@ def implementations(workload, cuda, device):
         impls["ours"] = lambda q, k, v, rel_bias: resampler_attention(q, k, v, causal=causal, rel_bias=rel_bias,
                                                                        max_distance=MAX_DISTANCE)
     return impls
-
-
-def time_ms(fn, cuda, reps):
-    """Median milliseconds of fn(): triton.testing.do_bench on CUDA (L2 flushed), wall clock on CPU."""
-    if cuda:
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def work(B, Lk, causal, dtype, backward):

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from results_io import ROOT, device_name, save_results
+from bench_common import ROOT, device_name, save_results
 
 
 VARIANTS = {

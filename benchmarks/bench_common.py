@@ -1,4 +1,4 @@
-"""What every benchmark does with its numbers: name the device, print the table, save JSON + the table.
+"""What every benchmark shares: the device's name, a median timer, and saving JSON + the printed table.
 
 Benchmarks run as scripts (`python benchmarks/x.py`), so this module is imported from the script's
 own directory.
@@ -7,7 +7,9 @@ import datetime
 import json
 import os
 import platform
-from typing import Dict, List, Optional
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,6 +21,22 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
+
+
+def time_ms(fn: Callable[[], object], cuda: bool, reps: int, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median milliseconds of fn(): triton.testing.do_bench on CUDA (L2 flushed between calls), wall clock
+    over `reps` calls on CPU after one warm-up call."""
+    if cuda:
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def save_results(bench: str, record: Dict, notes: List[str], table: str, out: Optional[str] = None) -> str:
