@@ -132,6 +132,10 @@ class DataConfig:
     decoder: Literal["auto", "cpu", "dali_cpu", "dali_gpu"] = "auto"
     num_workers: int = 2  # decode threads; 0 decodes in the calling thread
     prefetch: int = 4  # samples decoded ahead, per source
+    # A sample not read and decoded this many seconds after the loader starts waiting for it is skipped
+    # (reason "timeout"; its thread is abandoned); when every worker thread is stuck the run stops with
+    # an error. 0 = wait forever. Needs num_workers >= 1 (the calling thread cannot be abandoned).
+    sample_timeout_s: float = 120.0
     # Stop with an error once more than this fraction of the samples read were skipped as bad,
     # checked after `failure_check_after` samples.
     max_failure_fraction: float = 0.1
@@ -233,6 +237,7 @@ class Config:
         _require(d.frames_per_video >= 1, "data.frames_per_video", ">= 1")
         _require(d.num_workers >= 0, "data.num_workers", ">= 0")
         _require(d.prefetch >= 1, "data.prefetch", ">= 1")
+        _require(d.sample_timeout_s >= 0, "data.sample_timeout_s", ">= 0 (0 = no timeout)")
         _require(d.failure_check_after >= 1, "data.failure_check_after", ">= 1")
         if d.kind == "webdataset":
             _require(len(d.sources) > 0, "data.sources", "at least one source when data.kind is webdataset")

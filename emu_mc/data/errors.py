@@ -9,6 +9,7 @@ CORRUPT_VIDEO = "corrupt_video"  # video bytes that no decoder accepts, or no fr
 UNREADABLE_SAMPLE = "unreadable_sample"  # the sample's bytes could not be read from its shard
 EMPTY_DOCUMENT = "empty_document"  # nothing usable left (no text and no image)
 TOO_LONG = "too_long"  # longer than seq_length with data.overlong: skip
+TIMEOUT = "timeout"  # not read and decoded within data.sample_timeout_s
 UNEXPECTED = "unexpected_error"  # any other exception while building the document
 
 

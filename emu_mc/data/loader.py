@@ -10,14 +10,16 @@ draw number), takes that source's next sample (emu_mc/data/stream.py), builds it
 by `data.num_workers` threads, `data.prefetch` samples ahead per source, consumed in order, so the
 output does not depend on the number of workers) and packs it (emu_mc/data/packing.py). A bad sample
 is skipped, counted by reason and logged with its shard and key; the draw moves on to the next
-sample. The state is (draw count, next position per source, counters), taken before the document the
+sample. So is one not ready `data.sample_timeout_s` after the loader starts waiting for it (its
+thread is abandoned: emu_mc/data/workers.py); once every worker thread is stuck, DataError. A
+timeout depends on timing, so a run that hit one does not replay exactly. The state is (draw count, next position per source, counters), taken before the document the
 packer carries over, so that document is drawn again after a restore.
 `data.kind: synthetic`: random batches keyed by (seed, dp rank, batch number); state = batch number.
 """
 import logging
 import os
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import Any, Deque, Dict, List, Tuple, Union
 
 import numpy as np
@@ -27,10 +29,11 @@ from emu_mc.batch import Batch, synthetic_batch
 from emu_mc.config import Config, ConfigError
 from emu_mc.data.decode import make_decoder
 from emu_mc.data.document import Document, DocumentBuilder, make_encoder
-from emu_mc.data.errors import UNEXPECTED, DataError, SampleError
+from emu_mc.data.errors import TIMEOUT, UNEXPECTED, DataError, SampleError
 from emu_mc.data.packing import Packer
 from emu_mc.data.shards import SampleRef, ShardIndex, expand_shards, read_sample
 from emu_mc.data.stream import SourceStream
+from emu_mc.data.workers import DaemonThreadPool
 from emu_mc.tokenizer import special_token_ids
 
 log = logging.getLogger("emu_mc.data")
@@ -125,15 +128,17 @@ class WebDatasetLoader:
         weights = np.array([d.sources[i].weight for i in self.sources], dtype=np.float64)
         self.cumulative = np.cumsum(weights / weights.sum())
         self.packer = Packer(d.seq_length, d.micro_batch_size, ids.pad, m.vision.image_size)
-        self.pool = ThreadPoolExecutor(d.num_workers, thread_name_prefix="emu-data") if d.num_workers else None
-        self.pending: List[Deque] = [deque() for _ in self.streams]  # (position, future) read ahead
+        self.pool = DaemonThreadPool(d.num_workers) if d.num_workers else None
+        self.pending: List[Deque] = [deque() for _ in self.streams]  # (position, future, shard, key) read ahead
+        self.abandoned: List[Future] = []  # timed-out samples; those still running hold a worker thread
         self.draws = 0
         self.counts: Counter = Counter()
         self.bad_shards: Dict[str, str] = {}
-        log.info("data: %s on dp rank %d/%d; decoder %s: %s; %d worker thread(s), prefetch %d",
+        log.info("data: %s on dp rank %d/%d; decoder %s: %s; %d worker thread(s), prefetch %d, sample timeout %s",
                  ", ".join(f"{d.sources[i].kind} x{d.sources[i].weight:g} ({len(shards[i])} shards)"
                            for i in self.sources), dp_rank, dp_size, self.decoder.name,
-                 self.decoder.describe(), d.num_workers, d.prefetch)
+                 self.decoder.describe(), d.num_workers, d.prefetch,
+                 f"{d.sample_timeout_s:g} s" if d.sample_timeout_s and d.num_workers else "none")
 
     def __iter__(self):
         return self
@@ -159,7 +164,7 @@ class WebDatasetLoader:
         stream = self.streams[k]
         position = stream.position
         path, ref = stream.next_ref()
-        self.pending[k].append((position, self.pool.submit(self._load, stream.kind, path, ref)))
+        self.pending[k].append((position, self.pool.submit(self._load, stream.kind, path, ref), path, ref.key))
 
     def _take(self, k: int) -> Loaded:
         """Source k's next loaded sample, in stream order; keeps `prefetch` samples in flight."""
@@ -169,9 +174,26 @@ class WebDatasetLoader:
             return self._load(stream.kind, path, ref)
         while len(self.pending[k]) < self.cfg.data.prefetch:
             self._submit(k)
-        _, future = self.pending[k].popleft()
+        _, future, path, key = self.pending[k].popleft()
         self._submit(k)
-        return future.result()
+        return self._wait(future, path, key)
+
+    def _wait(self, future: Future, path: str, key: str) -> Loaded:
+        """The sample's result, or a TIMEOUT error after data.sample_timeout_s; DataError when every
+        worker thread is stuck on an abandoned sample (nothing could ever finish)."""
+        timeout = self.cfg.data.sample_timeout_s
+        try:
+            return future.result(timeout=timeout or None)
+        except FutureTimeout:
+            future.cancel()  # a sample still queued behind busy threads is dropped, not left to run later
+        self.abandoned = [f for f in self.abandoned if not f.done()] + [future]
+        stuck = sum(f.running() for f in self.abandoned)
+        if stuck >= self.cfg.data.num_workers:
+            raise DataError(f"all {stuck} data worker threads are stuck: no sample finished within "
+                            f"data.sample_timeout_s = {timeout:g} s (last waited for: {key} in {path}); "
+                            "check the shards' filesystem, or raise data.sample_timeout_s")
+        return SampleError(TIMEOUT, f"not read and decoded within data.sample_timeout_s = {timeout:g} s; "
+                                    f"{stuck} worker thread(s) stuck"), path, key
 
     def _choose(self) -> int:
         u = np.random.default_rng([self.seed, _MIXTURE, self.dp_rank, self.draws]).random()
@@ -246,4 +268,4 @@ class WebDatasetLoader:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool.shutdown()

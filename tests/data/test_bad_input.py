@@ -4,11 +4,13 @@ too many failures raise DataError; bad config fields name themselves."""
 import json
 import logging
 import tarfile
+import threading
 
 import pytest
 
 from emu_mc.config import ConfigError, load_config
 from emu_mc.data import DataError, build_data_loader
+from emu_mc.data import loader as loader_module
 from emu_mc.model.targets import check_image_blocks
 
 from tests.data.helpers import documents, encode_image, encode_video, pan_frames, photo, write_shard
@@ -150,6 +152,48 @@ def test_failure_fraction_limit_raises(tmp_path, data_cfg, tokenizer):
     assert loader.stats()["skipped"]["corrupt_image"] > 10
 
 
+@pytest.fixture
+def hanging_reads(monkeypatch):
+    """Reading a sample whose key is in the returned set blocks (a hung filesystem) until the test ends;
+    once per key (a later epoch reads it normally)."""
+    keys, release = set(), threading.Event()
+    real_read = loader_module.read_sample
+
+    def read_sample(path, ref):
+        if ref.key in keys:
+            keys.discard(ref.key)
+            release.wait()
+        return real_read(path, ref)
+
+    monkeypatch.setattr(loader_module, "read_sample", read_sample)
+    yield keys
+    release.set()
+
+
+def test_a_stuck_sample_times_out_and_the_rest_is_read(tmp_path, data_cfg, tokenizer, special_ids, hanging_reads):
+    hanging_reads.add("k03")
+    shard = write_shard(tmp_path / "pairs.tar",
+                        [{"__key__": f"k{i:02d}", "jpg": JPG, "txt": f"caption {i}"} for i in range(8)])
+    cfg = data_cfg([("image_text", shard, 1.0)], micro_batch_size=1, seq_length=40, num_workers=2, prefetch=2,
+                   sample_timeout_s=0.5, max_failure_fraction=1.0)
+    caption = lambda tokens: tokenizer.decode([t for t in tokens if t < special_ids.img_begin][1:-1])
+    docs, stats = read_docs(cfg, tokenizer, special_ids, 6)
+    assert stats["skipped"] == {"timeout": 1}
+    hanging_reads.clear()
+    expected, _ = read_docs(cfg, tokenizer, special_ids, 6)  # the same stream, nothing stuck
+    expected = [caption(tokens) for tokens, _ in expected]
+    expected.remove("caption 3")  # its first occurrence: the sample that timed out
+    assert [caption(tokens) for tokens, _ in docs][:len(expected)] == expected
+
+
+def test_every_worker_stuck_is_a_data_error_not_a_hang(tmp_path, data_cfg, tokenizer, hanging_reads):
+    hanging_reads.update({"k00", "k01"})
+    shard = write_shard(tmp_path / "pairs.tar", [{"__key__": f"k{i:02d}", "jpg": JPG, "txt": "x"} for i in range(4)])
+    cfg = data_cfg([("image_text", shard, 1.0)], num_workers=2, prefetch=1, sample_timeout_s=0.3)
+    with pytest.raises(DataError, match=r"all 2 data worker threads are stuck.*: k0[01] in .*pairs.tar"):
+        next(build_data_loader(cfg, tokenizer))
+
+
 @pytest.mark.parametrize("override,message", [
     (["--data.decoder", "gpu"], "data.decoder: 'gpu' is not one of"),
     (["--data.overlong", "cut"], "data.overlong: 'cut' is not one of"),
@@ -160,6 +204,7 @@ def test_failure_fraction_limit_raises(tmp_path, data_cfg, tokenizer):
     (["--data.sources", "[{kind: image_text, shards: a.tar, url: x}]"], "data.sources[0].url: unknown field"),
     (["--data.num_workers", "-1"], "data.num_workers: must be >= 0"),
     (["--data.prefetch", "0"], "data.prefetch: must be >= 1"),
+    (["--data.sample_timeout_s", "-1"], "data.sample_timeout_s: must be >= 0"),
     (["--data.frames_per_video", "0"], "data.frames_per_video: must be >= 1"),
     (["--data.max_failure_fraction", "1.5"], "data.max_failure_fraction: must be in [0, 1]"),
 ])
