@@ -33,15 +33,20 @@ class TrainingDiverged(RuntimeError):
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT: the loop checkpoints and exits cleanly at the end of the current step."""
+    """Set by SIGTERM or a first SIGINT (Ctrl-C): the loop checkpoints and exits cleanly at the end of
+    the current step. A second SIGINT interrupts at once (KeyboardInterrupt), without a checkpoint."""
 
     def __init__(self):
         self.requested = False
         signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
-        log.warning("signal %d received: checkpointing after this step, then exiting", signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("%s received: checkpointing after this step, then exiting%s", signal.Signals(signum).name,
+                    " (Ctrl-C again to interrupt without a checkpoint)" if signum == signal.SIGINT else "")
 
 
 def setup_logging(rank: int) -> None:

@@ -144,6 +144,20 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert sorted(read_metrics(out)) == list(range(1, stopped_at + 3))
 
 
+def test_ctrl_c_checkpoints_and_exits_cleanly(tmp_path):
+    """A first SIGINT (Ctrl-C) in a plain `python -m emu_mc.pretrain` run acts like SIGTERM."""
+    out = tmp_path / "run"
+    with open(f"{out}.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "emu_mc.pretrain", *map(str, pretrain_args(
+            out, "--data.kind", "synthetic", "--train.steps", 100000))], cwd=REPO_ROOT, env=child_env(),
+            stdout=log, stderr=subprocess.STDOUT)
+    wait_for_step(proc, out, 2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0, Path(f"{out}.log").read_text()[-4000:]
+    assert latest_checkpoint_step(out) == max(read_metrics(out))
+    assert "SIGINT received" in Path(f"{out}.log").read_text()
+
+
 def run_single_process(*args, env=None):
     """python -m emu_mc.pretrain in one process (no torchrun)."""
     return subprocess.run([sys.executable, "-m", "emu_mc.pretrain", *map(str, args)], cwd=REPO_ROOT,
