@@ -1,4 +1,4 @@
-"""HF LLaMA -> our format -> GPTModel at TP=2 and PP=2 (2 gloo ranks under torchrun): logits match
+"""HF LLaMA -> our format -> GPTModel at TP=2, PP=2 and TP=2 x PP=2 (gloo ranks under torchrun): logits match
 transformers, and gather_llm_state gives back the loaded full state dict bit for bit."""
 import pytest
 import torch
@@ -27,11 +27,11 @@ def converted(tmp_path_factory):
     return root, out
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2pp2"])
 def test_parallel_logits_and_gather(converted, tmp_path, tp, pp):
     root, variants = converted
     torchrun(WORKER, ["--tp", tp, "--pp", pp, "--ids", root / "ids.pt", "--out", tmp_path,
-                      *[f"{name}={ckpt}" for name, (ckpt, _) in variants.items()]], nproc=2, timeout=240)
+                      *[f"{name}={ckpt}" for name, (ckpt, _) in variants.items()]], nproc=tp * pp, timeout=240)
     for name, (ckpt, ref) in variants.items():
         ours = torch.load(tmp_path / f"{name}_logits.pt")[..., :VOCAB]
         diff = (ours - ref).abs().max().item()

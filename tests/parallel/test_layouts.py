@@ -1,8 +1,8 @@
 """The full Emu model gives the same loss and gradients in every TP x PP x DP layout (gloo, CPU).
 
 Identical weights (one dist checkpoint) are loaded into TP=1/PP=1 (one process, both microbatches),
-TP=2, PP=2 (1F1B over two microbatches) and DP=2 (one microbatch per rank); each run's DP-reduced
-gradients come back resharded to TP=1 and are compared tensor by tensor.
+TP=2, PP=2 (1F1B over two microbatches), DP=2 (one microbatch per rank) and TP=2 x PP=2 (4 processes);
+each run's DP-reduced gradients come back resharded to TP=1 and are compared tensor by tensor.
 """
 import json
 
@@ -13,7 +13,8 @@ from emu_mc.config import load_config
 from tests.torchrun_utils import torchrun
 
 WORKER = "tests/parallel/workers/layout_worker.py"
-LAYOUTS = {"tp2": dict(nproc=2, tp=2, pp=1), "pp2": dict(nproc=2, tp=1, pp=2), "dp2": dict(nproc=2, tp=1, pp=1)}
+LAYOUTS = {"tp2": dict(nproc=2, tp=2, pp=1), "pp2": dict(nproc=2, tp=1, pp=2), "dp2": dict(nproc=2, tp=1, pp=1),
+           "tp2pp2": dict(nproc=4, tp=2, pp=2)}
 LOSS_RTOL = 1e-5
 GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-4  # fp32; TP splits reductions, so sums are reordered
 
