@@ -70,9 +70,10 @@ class EmuModel(MegatronModule):
             self.regress_head = nn.Linear(hidden, hidden, bias=False)
             nn.init.normal_(self.regress_head.weight, std=cfg.init_std)
             self.loss_fn = mixed_loss_fn(cfg.loss.impl)
-        for name in ("vision", "ln_visual", "resampler", "regress_head"):
-            if hasattr(self, name):
-                getattr(self, name).to(params_dtype)
+        # Every parameter in params_dtype, as megatron's Float16Module would leave them (its local-spec
+        # norms are built in fp32); its distributed optimizer mis-maps checkpoint state for a parameter
+        # group that mixes dtypes.
+        self.to(params_dtype)
         self._apply_freezing()
 
     def _apply_freezing(self) -> None:

@@ -203,14 +203,15 @@ def test_resume_on_another_data_parallel_size(tmp_path):
     assert proc.returncode != 0 and "reloads only into the same TP x PP" in proc.stdout
 
 
-def test_resume_with_a_replicated_optimizer_repeats_the_uninterrupted_losses(tmp_path):
-    """parallel.distributed_optimizer false: every DP rank holds the full optimizer state; stop at a
-    checkpoint, run the same command longer, and the losses continue as in one run."""
-    replicated = ("--parallel.distributed_optimizer", "false")
+@pytest.mark.parametrize("variant", [("--parallel.distributed_optimizer", "false"), ("--train.precision", "bf16")],
+                         ids=["replicated_optimizer", "bf16"])
+def test_stop_at_a_checkpoint_and_continue_repeats_the_uninterrupted_losses(tmp_path, variant):
+    """Run 3 steps, then the same command for 6: the losses equal one 6-step run. With a replicated
+    optimizer (every DP rank holds all of its state), and in bf16 (fp32 main params in the optimizer)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    torchrun(PRETRAIN, pretrain_args(straight, *replicated, "--train.steps", 6), nproc=2, timeout=600)
-    torchrun(PRETRAIN, pretrain_args(split, *replicated, "--train.steps", 3), nproc=2, timeout=600)
-    torchrun(PRETRAIN, pretrain_args(split, *replicated, "--train.steps", 6), nproc=2, timeout=600)
+    torchrun(PRETRAIN, pretrain_args(straight, *variant, "--train.steps", 6), nproc=2, timeout=600)
+    torchrun(PRETRAIN, pretrain_args(split, *variant, "--train.steps", 3), nproc=2, timeout=600)
+    torchrun(PRETRAIN, pretrain_args(split, *variant, "--train.steps", 6), nproc=2, timeout=600)
     expected, resumed = read_metrics(straight), read_metrics(split)
     assert sorted(resumed) == list(range(1, 7))
     for step in range(1, 7):
