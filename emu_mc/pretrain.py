@@ -168,15 +168,18 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
             dt = time.perf_counter() - t0
 
             _count_nonfinite(out, step, counters)
-            # every TP x PP rank of a DP replica holds the same batch: count it once
-            tokens, images = all_reduce_sum([sum(b.num_tokens for b in microbatches) / (dims.tp * dims.pp),
-                                             sum(b.images.shape[0] for b in microbatches) / (dims.tp * dims.pp)], dev)
+            # every TP x PP rank of a DP replica holds the same batch and loader: count it once
+            tokens, images, skipped = all_reduce_sum(
+                [n / (dims.tp * dims.pp) for n in (sum(b.num_tokens for b in microbatches),
+                                                   sum(b.images.shape[0] for b in microbatches),
+                                                   loader.samples_skipped)], dev)
             flops = tokens * flop_token + images * flop_image
             metrics = {
                 "loss": out["loss"], "ce": out["ce"], "reg": out["reg"], "grad_norm": out["grad_norm"], "lr": lr,
                 "step_time_s": dt, "data_time_s": t_data, "tokens_per_s": tokens / dt, "images_per_s": images / dt,
                 "tflops_per_device": flops / dt / dims.world / 1e12,
                 "mfu": flops / dt / (peak * dims.world) if peak else None, "skipped_steps": counters["skipped_steps"],
+                "data_skipped_samples": round(skipped),
             }
             run_log.log(step + 1, metrics)
             if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step == start_step):

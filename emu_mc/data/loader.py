@@ -88,6 +88,10 @@ class SyntheticLoader:
     def stats(self) -> Dict[str, Any]:
         return {"kind": "synthetic", "batches": self.batches}
 
+    @property
+    def samples_skipped(self) -> int:
+        return 0
+
     def close(self) -> None:
         pass
 
@@ -252,6 +256,11 @@ class WebDatasetLoader:
             queue.clear()  # samples read ahead from the old position; running ones finish unseen
             stream.position = tuple(position)
         self.packer.carry = None
+
+    @property
+    def samples_skipped(self) -> int:
+        """Samples read but unusable since the start of the run (restored with the state)."""
+        return self.counts["read"] - self.counts["used"]
 
     def stats(self) -> Dict[str, Any]:
         """Counters since the start of the run (restored with the state)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.data.helpers import encode_image, photo, write_shard
 from tests.torchrun_utils import REPO_ROOT, child_env, torchrun, torchrun_command
 
 PRETRAIN = "emu_mc/pretrain.py"
@@ -21,7 +22,7 @@ RESUME_ARGS = ["--train.steps", "20", "--train.checkpoint_every", "8", "--data.m
                "--parallel.num_microbatches", "4"]
 LOSS_RTOL = 1e-6  # fp32 on CPU: a resumed run repeats the uninterrupted one up to summation order
 LOGGED = ("loss", "ce", "reg", "grad_norm", "lr", "step_time_s", "tokens_per_s", "images_per_s",
-          "tflops_per_device", "skipped_steps")
+          "tflops_per_device", "skipped_steps", "data_skipped_samples")
 
 
 def pretrain_args(out_dir, *overrides):
@@ -156,6 +157,19 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(tmp_path):
     assert proc.wait(timeout=120) == 0, Path(f"{out}.log").read_text()[-4000:]
     assert latest_checkpoint_step(out) == max(read_metrics(out))
     assert "SIGINT received" in Path(f"{out}.log").read_text()
+
+
+def test_bad_samples_are_counted_in_the_metrics(tmp_path):
+    jpg = encode_image(photo("chelsea"))
+    shard = write_shard(tmp_path / "pairs.tar", [
+        {"__key__": f"k{i}", "jpg": jpg if i != 2 else jpg[:100], "txt": f"a cat, photo {i}"} for i in range(6)])
+    source = f"[{{kind: image_text, shards: {shard}}}]"
+    proc = run_single_process(*pretrain_args(tmp_path / "run", "--data.sources", source,
+                                             "--data.max_failure_fraction", 0.5, "--train.steps", 4))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[4]["data_skipped_samples"] >= 1  # k2 once per epoch read so far
+    assert "skipped k2 in" in proc.stdout and "(corrupt_image)" in proc.stdout
 
 
 def run_single_process(*args, env=None):
