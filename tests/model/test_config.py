@@ -1,4 +1,6 @@
 """Config loading: defaults, dotted overrides, and errors that name the field and what is allowed."""
+from pathlib import Path
+
 import pytest
 
 from emu_mc.config import ConfigError, load_config
@@ -30,3 +32,9 @@ def test_emu_14b_matches_spec():
     assert (cfg.model.vision.width, cfg.model.vision.num_layers, cfg.model.vision.num_heads) == (1408, 40, 16)
     assert (cfg.model.resampler.d_model, cfg.model.resampler.num_layers, cfg.model.resampler.num_queries) == (768, 12, 32)
     assert (cfg.model.llm.hidden_size, cfg.model.llm.num_layers, cfg.model.llm.ffn_hidden_size) == (5120, 40, 13824)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    load_config(str(path))
