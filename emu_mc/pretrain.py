@@ -66,8 +66,10 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description="Pretrain an Emu-style model.", epilog=
                                      "Any config field can be overridden: --model.llm.num_layers 4 --train.steps=50")
     parser.add_argument("--config", required=True, help="YAML job config (see configs/)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML + overrides, validated) and exit")
     args, overrides = parser.parse_known_args(argv)
-    return args.config, overrides
+    return args, overrides
 
 
 def all_reduce_sum(values, device):
@@ -241,15 +243,20 @@ def _any_rank(flag: bool, device) -> bool:
 
 
 def main(argv=None) -> int:
-    config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(config_path, overrides)
+        cfg = load_config(args.config, overrides)
         from emu_mc.parallel.groups import ParallelDims
         ParallelDims(int(os.environ.get("WORLD_SIZE", 1)), cfg.parallel.tensor_parallel,
                      cfg.parallel.pipeline_parallel).check()
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
     setup_logging(int(os.environ.get("RANK", 0)))
     try:
         train(cfg)

@@ -38,3 +38,13 @@ def test_emu_14b_matches_spec():
                          ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     load_config(str(path))
+
+
+def test_print_config_reloads_to_the_same_config(tmp_path, capsys):
+    from emu_mc.pretrain import main
+
+    overrides = ["--train.steps", "7", "--model.llm.num_layers=3", "--data.sources",
+                 "[{kind: video_text, shards: a.tar, weight: 0.5}]"]
+    assert main(["--config", "configs/tiny.yaml", *overrides, "--print-config"]) == 0
+    (tmp_path / "printed.yaml").write_text(capsys.readouterr().out)
+    assert load_config(str(tmp_path / "printed.yaml")) == load_config("configs/tiny.yaml", overrides)
