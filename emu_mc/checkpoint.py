@@ -5,8 +5,9 @@ Layout under `<out_dir>/checkpoints/`:
   step_000100/rank_00000.pt    this rank's RNG states and data-loader state
   step_000100/meta.json        step, world layout, config
   latest                       the name of the newest complete checkpoint
-A checkpoint is written as `step_N.tmp/` and renamed only after every rank has finished, then
-`latest` is replaced atomically (os.replace): a crash mid-save never leaves a half-written latest.
+A checkpoint is written as `step_N.tmp/`, flushed to disk (fsync) and renamed only after every rank
+has finished, then `latest` is replaced atomically (os.replace): a crash mid-save, or a power loss
+after it, never leaves a half-written latest.
 """
 import json
 import logging
@@ -20,6 +21,10 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("emu_mc.checkpoint")
+
+
+class CheckpointLoadError(RuntimeError):
+    """The latest checkpoint cannot be read (damaged or incomplete files)."""
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -161,6 +166,7 @@ class Checkpointer:
         if rank == 0:
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump({"step": step, "world_size": dist.get_world_size(), **meta}, f, indent=1, default=str)
+            _fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             pointer_tmp = os.path.join(self.root, "latest.tmp")
@@ -169,6 +175,7 @@ class Checkpointer:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(pointer_tmp, os.path.join(self.root, "latest"))
+            _fsync_dir(self.root)
             self._prune()
             log.info("saved checkpoint %s", final)
         dist.barrier()
@@ -189,10 +196,39 @@ class Checkpointer:
         Model and optimizer reshard; the per-rank data-loader and RNG states come back only when the
         checkpoint was written by the same TP x PP x DP layout (`same_layout`), else None."""
         from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
         meta = self.read_meta(path)
-        state = dist_checkpointing.load(sharded_state_dict, path)
-        rank_state = None
-        if same_layout:
-            rank_state = torch.load(os.path.join(path, f"rank_{dist.get_rank():05d}.pt"), weights_only=False)
+        try:
+            state = dist_checkpointing.load(sharded_state_dict, path)
+            rank_state = None
+            if same_layout:
+                rank_state = torch.load(os.path.join(path, f"rank_{dist.get_rank():05d}.pt"), weights_only=False)
+        except (Exception, CheckpointException) as err:
+            others = sorted(d for d in os.listdir(self.root) if d.startswith("step_") and not d.endswith(".tmp"))
+            cause = (str(err).strip().splitlines() or [type(err).__name__])[-1]  # torch's lists a traceback per rank
+            raise CheckpointLoadError(
+                f"cannot load checkpoint {path} ({cause}). To resume from an older one, "
+                f"write its name into {os.path.join(self.root, 'latest')} (present: {', '.join(others)}); "
+                "to start afresh, use another train.out_dir") from err
         return state, rank_state, meta
+
+
+def _fsync_tree(root: str) -> None:
+    """Flush every file below `root`, and the directories holding them, to disk."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -258,9 +258,11 @@ def main(argv=None) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
     setup_logging(int(os.environ.get("RANK", 0)))
+    from emu_mc.checkpoint import CheckpointLoadError
+
     try:
         train(cfg)
-    except TrainingDiverged as err:
+    except (TrainingDiverged, CheckpointLoadError) as err:
         log.error("%s", err)
         return 1
     finally:

@@ -172,6 +172,22 @@ def test_bad_samples_are_counted_in_the_metrics(tmp_path):
     assert "skipped k2 in" in proc.stdout and "(corrupt_image)" in proc.stdout
 
 
+def test_a_damaged_checkpoint_is_named_and_an_older_one_can_be_chosen(tmp_path):
+    out = tmp_path / "run"
+    args = ("--data.kind", "synthetic", "--train.checkpoint_every", 2)
+    assert run_single_process(*pretrain_args(out, *args, "--train.steps", 4)).returncode == 0
+    for shard in (out / "checkpoints" / "step_000004").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])  # a disk or copy gone wrong
+    proc = run_single_process(*pretrain_args(out, *args, "--train.steps", 6))
+    assert proc.returncode == 1
+    assert "cannot load checkpoint" in proc.stdout and "step_000004 (EOFError)" in proc.stdout
+    assert "(present: step_000002, step_000004)" in proc.stdout
+    (out / "checkpoints" / "latest").write_text("step_000002")  # what the message says to do
+    proc = run_single_process(*pretrain_args(out, *args, "--train.steps", 6))
+    assert proc.returncode == 0 and "at step 2" in proc.stdout, proc.stdout[-3000:]
+    assert sorted(read_metrics(out)) == list(range(1, 7))
+
+
 def run_single_process(*args, env=None):
     """python -m emu_mc.pretrain in one process (no torchrun)."""
     return subprocess.run([sys.executable, "-m", "emu_mc.pretrain", *map(str, args)], cwd=REPO_ROOT,
