@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from emu_mc.kernels.mixed_loss import mixed_ce_regression_loss, mixed_ce_regression_loss_reference
+from tests.kernels.compile_sm90 import H100_SHARED_MEMORY, compiled_shared_memory, ptxas_available
 from tests.torchrun_utils import torchrun
 
 # (atol, rtol) per input dtype against the reference run in fp32 on the same (rounded) inputs; atol is
@@ -176,6 +177,17 @@ class _LargestAllocation(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in existing:
                 self.largest = max(self.largest, (t.untyped_storage().nbytes(), str(func)), key=lambda x: x[0])
         return out
+
+
+@pytest.mark.skipif(not ptxas_available(), reason="triton wheel without the bundled ptxas")
+def test_emu_sizes_compile_for_sm90_within_shared_memory():
+    """Without a GPU, the kernels as the launchers configure them on CUDA (bf16) must compile for sm_90
+    and fit H100's shared memory: Emu-14B's output layer (V 32000, H 5120) and odd sizes."""
+    shapes = [(16384, 32000, 5120), (1000, 32064, 88)]
+    compiled = compiled_shared_memory("mixed_loss", shapes)
+    assert [name for name, _ in compiled] == ["_ce_forward_kernel", "_ce_backward_kernel"] * len(shapes)
+    for name, shared in compiled:
+        assert shared <= H100_SHARED_MEMORY, f"{name} needs {shared} bytes of shared memory"
 
 
 def test_memory_no_logits(device):

@@ -6,19 +6,15 @@ shapes, every (Lq, Lk, causal) with bias, targeted edge cases, and an sm_90 comp
 """
 import dataclasses
 import itertools
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import triton
 from triton.runtime.errors import OutOfResources
 
 import emu_mc.kernels.resampler_attention as ra
 from emu_mc.kernels.resampler_attention import resampler_attention, resampler_attention_reference
 from emu_mc.model.resampler import CausalResampler
+from tests.kernels.compile_sm90 import H100_SHARED_MEMORY, compiled_shared_memory, ptxas_available
 
 # (atol, rtol) per input dtype, against the reference run in fp32 on the same (rounded) inputs; atol is
 # relative to the largest entry of each compared tensor when that exceeds 1 (rounding errors of a dot
@@ -284,46 +280,11 @@ def test_launch_retries_unpipelined_when_out_of_shared_memory():
     assert calls == [{"num_warps": 8}, {"num_warps": 8, "num_stages": 1}]
 
 
-# Run in a fresh interpreter without TRITON_INTERPRET: records the launchers' kernel calls for the Emu
-# shapes (on CPU tensors, no launch) and compiles each for sm_90 with the bundled ptxas.
-COMPILE_SM90 = """
-import json, sys
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import emu_mc.kernels.resampler_attention as ra
-
-launches = []
-ra._launch = lambda kernel, grid, *args, **meta: launches.append((kernel, args, meta))
-ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
-for B, Lq, Lk, D, H, causal, bias in json.loads(sys.argv[1]):
-    q, k = torch.zeros(B, H, Lq, D, dtype=torch.bfloat16), torch.zeros(B, H, Lk, D, dtype=torch.bfloat16)
-    rel_bias = torch.zeros(32, H) if bias else None
-    lse = torch.zeros(B * H, Lq)
-    ra._forward(q, k, k, rel_bias, causal, 128, 1.0)
-    ra._backward(q, q, k, k, q, lse, rel_bias, causal, 128, 1.0)
-for kernel, args, meta in launches:
-    options = {"num_warps": meta.pop("num_warps")}
-    values = dict(zip(kernel.arg_names, args))
-    signature = {name: "constexpr" if name in meta else ptr[v.dtype] if isinstance(v, torch.Tensor)
-                 else "fp32" if isinstance(v, float) else "i32" for name, v in (values | meta).items()}
-    compiled = triton.compile(ASTSource(kernel, signature, meta), target=GPUTarget("cuda", 90, 32), options=options)
-    print(kernel.fn.__name__, compiled.metadata.shared)
-"""
-
-
+@pytest.mark.skipif(not ptxas_available(), reason="triton wheel without the bundled ptxas")
 def test_emu_shapes_compile_for_sm90_within_shared_memory():
     """Without a GPU, Triton still compiles for one: the kernels as the launchers configure them for the
     Emu shapes (bf16) must compile for sm_90 and fit H100's 227 KB of shared memory at full pipelining."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("triton wheel without the bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    shapes = json.dumps([list(case) for case in EMU_SHAPES])
-    out = subprocess.run([sys.executable, "-c", COMPILE_SM90, shapes], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    compiled = [line.split() for line in out.stdout.splitlines()]
+    compiled = compiled_shared_memory("resampler_attention", EMU_SHAPES)
     assert len(compiled) == 2 * len(EMU_SHAPES)
     for name, shared in compiled:
-        assert int(shared) <= 232448, f"{name} needs {shared} bytes of shared memory"
+        assert shared <= H100_SHARED_MEMORY, f"{name} needs {shared} bytes of shared memory"
