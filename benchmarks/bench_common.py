@@ -23,6 +23,27 @@ def device_name() -> str:
     return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
 
 
+def add_kernel_bench_args(parser, bench: str, reps: int) -> None:
+    """--quick, --dtype, --reps and --out, shared by the kernel benchmarks."""
+    parser.add_argument("--quick", action="store_true", help="reduced sizes (always on without CUDA)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--reps", type=int, default=reps, help="timed calls per row on CPU (CUDA: do_bench)")
+    parser.add_argument("--out", help=f"JSON path (default benchmarks/results/{bench}_bench_<device>.json); "
+                                      "the table goes next to it as .txt")
+
+
+def kernel_bench_setup(args) -> tuple:
+    """(cuda, quick, device, dtype) from `add_kernel_bench_args`' flags; refuses to time interpreted kernels."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda and os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("TRITON_INTERPRET=1 is set: the Triton kernel would be interpreted, not benchmarked")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if cuda else "fp32")]
+    return cuda, args.quick or not cuda, "cuda" if cuda else "cpu", dtype
+
+
 def time_ms(fn: Callable[[], object], cuda: bool, reps: int, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median milliseconds of fn(): triton.testing.do_bench on CUDA (L2 flushed between calls), wall clock
     over `reps` calls on CPU after one warm-up call."""

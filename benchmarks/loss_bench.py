@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from emu_mc.kernels.mixed_loss import mixed_ce_regression_loss
 
-from bench_common import device_name, save_results, time_ms
+from bench_common import add_kernel_bench_args, device_name, kernel_bench_setup, save_results, time_ms
 
 IGNORE = -100
 MIB = 2 ** 20
@@ -167,19 +167,9 @@ def main():
     parser.add_argument("--rows", type=int, nargs="+", help="N (default 4096 16384 65536; quick: 256 1024 4096)")
     parser.add_argument("--vocab", type=int, help="V (default 32000; quick: 4096)")
     parser.add_argument("--hidden", type=int, help="H = E (default 5120; quick: 256)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (always on without CUDA)")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--reps", type=int, default=5, help="timed calls per row on CPU (CUDA: do_bench)")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/loss_bench_<device>.json); "
-                                      "the table goes next to it as .txt")
+    add_kernel_bench_args(parser, "loss", reps=5)
     args = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    if cuda and os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("TRITON_INTERPRET=1 is set: the Triton kernel would be interpreted, not benchmarked")
-    quick = args.quick or not cuda
-    device = "cuda" if cuda else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or
-                                                                                      ("bf16" if cuda else "fp32")]
+    cuda, quick, device, dtype = kernel_bench_setup(args)
     sizes = args.rows or ([256, 1024, 4096] if quick else [4096, 16384, 65536])
     V, H = args.vocab or (4096 if quick else 32000), args.hidden or (256 if quick else 5120)
     impls, missing = implementations(cuda)

@@ -20,7 +20,6 @@ Without CUDA only eager, SDPA and flex run, at reduced sizes: the Triton kernel 
 the Triton interpreter there, which is an emulator, not something to time.
 """
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from emu_mc.kernels.resampler_attention import (
     relative_bias_matrix, relative_position_bucket, resampler_attention, resampler_attention_reference,
 )
 
-from bench_common import device_name, save_results, time_ms
+from bench_common import add_kernel_bench_args, device_name, kernel_bench_setup, save_results, time_ms
 
 H, D, LQ, NUM_BUCKETS, MAX_DISTANCE = 12, 64, 32, 32, 128
 MODES = ("fwd", "fwd+bwd")
@@ -78,11 +77,10 @@ def flex(causal, Lk, device):
                                    device=device) if causal else None
 
     def attend(q, k, v, rel_bias):
-        score_mod = None
-        if rel_bias is not None:
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return score + rel_bias[buckets[q_idx, kv_idx], h].to(score.dtype)
-        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
+        def add_bias(score, b, h, q_idx, kv_idx):
+            return score + rel_bias[buckets[q_idx, kv_idx], h].to(score.dtype)
+        return compiled(q, k, v, score_mod=add_bias if rel_bias is not None else None, block_mask=block_mask,
+                        scale=1.0)
 
     return attend
 
@@ -189,21 +187,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", help="images per launch (default 64 128 256 512 1024; "
                                                              "quick: 4 16 64)")
-    parser.add_argument("--quick", action="store_true", help="reduced sizes (always on without CUDA)")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--reps", type=int, default=10, help="timed calls per row on CPU (CUDA: do_bench)")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/resampler_bench_<device>.json); "
-                                      "the table goes next to it as .txt")
+    add_kernel_bench_args(parser, "resampler", reps=10)
     args = parser.parse_args()
 
-    cuda = torch.cuda.is_available()
-    if cuda and os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("TRITON_INTERPRET=1 is set: the Triton kernel would be interpreted, not benchmarked")
-    quick = args.quick or not cuda
-    device = "cuda" if cuda else "cpu"
+    cuda, quick, device, dtype = kernel_bench_setup(args)
     name = device_name()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    dtype = dtypes[args.dtype or ("bf16" if cuda else "fp32")]
     batches = args.batch or ([4, 16, 64] if quick else [64, 128, 256, 512, 1024])
     peak_gbps = next((gbps for key, gbps in PEAK_GBPS if key in name), None) if cuda else None
     notes = [f"{name}, {dtype}, H={H} D={D} Lq={LQ}, B sweep {batches}"]
