@@ -143,7 +143,8 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
         start_step = meta["step"]
         log.info("resumed from %s at step %d (written by TP %d x PP %d x DP %d)", latest, start_step, *saved_layout)
     if start_step >= cfg.train.steps:
-        log.info("nothing to do: the latest checkpoint is at step %d and train.steps is %d", start_step, cfg.train.steps)
+        log.info("nothing to do: the latest checkpoint is at step %d and train.steps is %d (raise train.steps to "
+                 "continue, or set another train.out_dir to start afresh)", start_step, cfg.train.steps)
         return {}
 
     flop_token = flops_per_token(cfg.model, cfg.data.seq_length, vocab_size)
