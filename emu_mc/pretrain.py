@@ -82,6 +82,7 @@ def train(cfg: Config) -> dict:
     """Run (or resume) the job described by `cfg`. Returns the last step's metrics."""
     from megatron.core import parallel_state
 
+    from emu_mc import accelerators
     from emu_mc.data import build_data_loader
     from emu_mc.parallel.groups import init_distributed
     from emu_mc.parallel.setup import build_model_and_optimizer
@@ -92,6 +93,7 @@ def train(cfg: Config) -> dict:
     setup_logging(rank)
     log.info("world %d = TP %d x PP %d x DP %d on %s", dims.world, dims.tp, dims.pp, dims.dp,
              torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)")
+    log.info("accelerators: %s", "; ".join(f"{name}: {how}" for name, how in accelerators.report().items()))
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     model_chunks, optimizer = build_model_and_optimizer(cfg, special_token_ids(tokenizer), len(tokenizer))
     loader = build_data_loader(cfg, tokenizer, dp_rank=parallel_state.get_data_parallel_rank(),
