@@ -72,6 +72,24 @@ def parse_args(argv):
     return args, overrides
 
 
+def check_local_paths(cfg: Config) -> None:
+    """What the run will read exists, checked before any process group: the tokenizer, init_from
+    weights and the data shards. Raises ConfigError naming the field."""
+    from emu_mc.data.loader import source_shards
+
+    m = cfg.model
+    if m.tokenizer != "tiny" and not os.path.isdir(m.tokenizer):
+        raise ConfigError(f"model.tokenizer: {m.tokenizer!r} is not a local tokenizer directory (or 'tiny')")
+    if m.llm.init_from and not os.path.isdir(m.llm.init_from):
+        raise ConfigError(f"model.llm.init_from: {m.llm.init_from!r} is not a directory (python -m emu_mc.convert "
+                          "hf-to-emu writes one)")
+    if m.vision.init_from and not os.path.isfile(m.vision.init_from):
+        raise ConfigError(f"model.vision.init_from: {m.vision.init_from!r} is not a file (python -m emu_mc.convert "
+                          "eva-to-emu writes one)")
+    if cfg.data.kind == "webdataset":
+        source_shards(cfg)
+
+
 def all_reduce_sum(values, device):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -246,20 +264,22 @@ def _any_rank(flag: bool, device) -> bool:
 
 
 def main(argv=None) -> int:
+    from emu_mc.parallel.groups import ParallelDims
+
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, overrides)
-        from emu_mc.parallel.groups import ParallelDims
+        if args.print_config:  # the config as resolved, even where its paths exist only elsewhere
+            import yaml
+
+            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+            return 0
+        check_local_paths(cfg)
         ParallelDims(int(os.environ.get("WORLD_SIZE", 1)), cfg.parallel.tensor_parallel,
                      cfg.parallel.pipeline_parallel).check()
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-        return 0
     setup_logging(int(os.environ.get("RANK", 0)))
     from emu_mc.checkpoint import CheckpointLoadError
 

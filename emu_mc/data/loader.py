@@ -101,7 +101,7 @@ def _check_kind(state: Dict[str, Any], kind: str) -> None:
         raise ValueError(f"loader state is for data.kind {state.get('kind')!r}, this loader is {kind!r}")
 
 
-def _source_shards(cfg: Config) -> List[List[str]]:
+def source_shards(cfg: Config) -> List[List[str]]:
     """Expanded shard lists per source. Raises ConfigError for a pattern that names no existing file."""
     out = []
     for i, src in enumerate(cfg.data.sources):
@@ -125,7 +125,7 @@ class WebDatasetLoader:
         self.builder = DocumentBuilder(make_encoder(tokenizer, ids), ids, num_queries=m.resampler.num_queries,
                                        seq_length=d.seq_length, frames_per_video=d.frames_per_video,
                                        decoder=self.decoder, overlong=d.overlong)
-        shards = _source_shards(cfg)
+        shards = source_shards(cfg)
         self.sources = [i for i, src in enumerate(d.sources) if src.weight > 0]
         self.streams = [SourceStream(i, d.sources[i].kind, shards[i], seed=self.seed, dp_rank=dp_rank,
                                      dp_size=dp_size, on_bad_shard=self._bad_shard) for i in self.sources]
