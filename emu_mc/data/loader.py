@@ -12,8 +12,9 @@ output does not depend on the number of workers) and packs it (emu_mc/data/packi
 is skipped, counted by reason and logged with its shard and key; the draw moves on to the next
 sample. So is one not ready `data.sample_timeout_s` after the loader starts waiting for it (its
 thread is abandoned: emu_mc/data/workers.py); once every worker thread is stuck, DataError. A
-timeout depends on timing, so a run that hit one does not replay exactly. The state is (draw count, next position per source, counters), taken before the document the
-packer carries over, so that document is drawn again after a restore.
+timeout depends on timing, so a run that hit one does not replay exactly. The state is (draw count,
+next position per source, counters), taken before the document the packer carries over, so that
+document is drawn again after a restore.
 `data.kind: synthetic`: random batches keyed by (seed, dp rank, batch number); state = batch number.
 """
 import logging
