@@ -37,7 +37,8 @@ def run_variant(config, nproc, steps, extra, out_dir):
 def summarise(rows, warmup):
     timed = rows[warmup:] or rows
     med = lambda key: statistics.median(r[key] for r in timed) if timed[0].get(key) is not None else None
-    return {k: med(k) for k in ("step_time_s", "data_time_s", "tokens_per_s", "images_per_s", "tflops_per_device", "mfu")} | {
+    keys = ("step_time_s", "data_time_s", "tokens_per_s", "images_per_s", "tflops_per_device", "mfu")
+    return {k: med(k) for k in keys} | {
         "final_loss": rows[-1]["loss"], "steps_timed": len(timed)}
 
 
@@ -72,8 +73,9 @@ def main():
     lines = [header, "-" * len(header)]
     for name, r in results.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        lines.append(f"{name:42s} {r['step_time_s']:8.3f} {r['data_time_s'] / r['step_time_s']:9.1%} {r['tokens_per_s']:10.0f} {r['images_per_s']:8.1f} "
-                     f"{r['tflops_per_device']:8.4f} {mfu:>6s} {r['final_loss']:7.4f}")
+        lines.append(f"{name:42s} {r['step_time_s']:8.3f} {r['data_time_s'] / r['step_time_s']:9.1%} "
+                     f"{r['tokens_per_s']:10.0f} {r['images_per_s']:8.1f} {r['tflops_per_device']:8.4f} {mfu:>6s} "
+                     f"{r['final_loss']:7.4f}")
     if len(results) == 2:
         fused, ref = results.values()
         lines.append(f"speed-up fused / reference: {ref['step_time_s'] / fused['step_time_s']:.2f}x")

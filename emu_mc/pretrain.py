@@ -74,12 +74,12 @@ def parse_args(argv):
 
 def check_local_paths(cfg: Config) -> None:
     """What the run will read exists, checked before any process group: the tokenizer, init_from
-    weights and the data shards. Raises ConfigError naming the field."""
+    weights and the data shards. Raises ConfigError / FileNotFoundError naming the field."""
     from emu_mc.data.loader import source_shards
+    from emu_mc.tokenizer import tokenizer_dir
 
     m = cfg.model
-    if m.tokenizer != "tiny" and not os.path.isdir(m.tokenizer):
-        raise ConfigError(f"model.tokenizer: {m.tokenizer!r} is not a local tokenizer directory (or 'tiny')")
+    tokenizer_dir(m.tokenizer)
     if m.llm.init_from and not os.path.isdir(m.llm.init_from):
         raise ConfigError(f"model.llm.init_from: {m.llm.init_from!r} is not a directory (python -m emu_mc.convert "
                           "hf-to-emu writes one)")

@@ -63,13 +63,19 @@ def build_tiny_tokenizer(out_dir: str = TINY_TOKENIZER_DIR, vocab_size: int = 51
     fast.save_pretrained(out_dir)
 
 
+def tokenizer_dir(path: str) -> str:
+    """model.tokenizer -> the local directory to load; FileNotFoundError naming the field if absent."""
+    directory = TINY_TOKENIZER_DIR if path == "tiny" else path
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"model.tokenizer: {path!r} is not a local tokenizer directory (or 'tiny')")
+    return directory
+
+
 def load_tokenizer(path: str = "tiny"):
     """Load a local HF tokenizer and add `[IMG]`, `[/IMG]`, `<image>` (and a pad token if it has none)."""
     from transformers import AutoTokenizer
 
-    directory = TINY_TOKENIZER_DIR if path == "tiny" else path
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"model.tokenizer: {path!r} is not a local tokenizer directory (or 'tiny')")
+    directory = tokenizer_dir(path)
     tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     tok.add_special_tokens({"additional_special_tokens": [IMG_BEGIN, IMG_END, IMG_SLOT]})
     if tok.pad_token is None:

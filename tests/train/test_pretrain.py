@@ -57,6 +57,18 @@ def start(out_dir, *overrides) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def single_process_command(*args):
+    """argv of python -m emu_mc.pretrain in one process (no torchrun)."""
+    return [sys.executable, "-m", "emu_mc.pretrain", *map(str, args)]
+
+
+def run_single_process(*args, env=None) -> subprocess.CompletedProcess:
+    """Run `single_process_command(*args)` to the end; stdout and stderr merged in `.stdout`."""
+    return subprocess.run(single_process_command(*args), cwd=REPO_ROOT,
+                          env=child_env(**(env or {})),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+
+
 def kill_tree(proc) -> None:
     """SIGKILL torchrun and its workers (torchrun starts each worker in a session of its own)."""
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
@@ -149,9 +161,9 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(tmp_path):
     """A first SIGINT (Ctrl-C) in a plain `python -m emu_mc.pretrain` run acts like SIGTERM."""
     out = tmp_path / "run"
     with open(f"{out}.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "emu_mc.pretrain", *map(str, pretrain_args(
-            out, "--data.kind", "synthetic", "--train.steps", 100000))], cwd=REPO_ROOT, env=child_env(),
-            stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(single_process_command(*pretrain_args(out, "--data.kind", "synthetic",
+                                                                      "--train.steps", 100000)),
+                                cwd=REPO_ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
     wait_for_step(proc, out, 2)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0, Path(f"{out}.log").read_text()[-4000:]
@@ -186,13 +198,6 @@ def test_a_damaged_checkpoint_is_named_and_an_older_one_can_be_chosen(tmp_path):
     proc = run_single_process(*pretrain_args(out, *args, "--train.steps", 6))
     assert proc.returncode == 0 and "at step 2" in proc.stdout, proc.stdout[-3000:]
     assert sorted(read_metrics(out)) == list(range(1, 7))
-
-
-def run_single_process(*args, env=None):
-    """python -m emu_mc.pretrain in one process (no torchrun)."""
-    return subprocess.run([sys.executable, "-m", "emu_mc.pretrain", *map(str, args)], cwd=REPO_ROOT,
-                          env=child_env(**(env or {})),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
