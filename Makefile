@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 NPROC ?= 2
 
-.PHONY: env demo test bench clean
+.PHONY: env demo test bench gpu-kit clean
 
 env: $(VENV)/.installed
 
@@ -27,6 +27,15 @@ test: env
 bench: env
 	$(PY) benchmarks/resampler_bench.py
 	$(PY) benchmarks/loss_bench.py
+
+# Wheels a lent GPU machine (Python 3.12, torch + triton preinstalled, no network) lacks, pinned to what CI
+# tests, into .whl/ (ignored); benchmarks/gpu_checks.sh installs them there. Needs internet (here).
+GPU_KIT = megatron-core==0.16.1 webdataset==1.0.2 braceexpand==0.1.7 liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+gpu-kit:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_KIT)
+	@ls .whl/*.whl && echo "gpu kit: $$(du -ch .whl/*.whl | tail -1 | cut -f1) in .whl/ (the tree that travels must stay under 64 MiB)"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -63,10 +63,17 @@ def main():
                      "interpreter); MFU n/a (no CPU peak). CPU numbers say nothing about a GPU.")
     print("\n".join(notes))
     results = {}
-    for name, extra in variants.items():
+    for name, extra in variants.items():  # saved after each variant: a run cut short keeps what finished
         with tempfile.TemporaryDirectory() as out_dir:
             results[name] = summarise(run_variant(args.config, args.nproc, args.steps, extra, out_dir), args.warmup)
+        table = format_table(results)
+        print("\n" + table)
+        save_results("train", {"config": os.path.relpath(args.config, ROOT), "nproc": args.nproc, "steps": args.steps,
+                               "warmup": args.warmup, "notes": notes, "results": results}, notes, table, args.out)
 
+
+def format_table(results):
+    """The printed table: one line per finished variant, then the fused / reference speed-up."""
     # "data wait": the share of a step spent waiting for the loader (the loader starves training when it is large)
     header = (f"{'variant':42s} {'step s':>8s} {'data wait':>9s} {'tok/s':>10s} {'img/s':>8s} {'TFLOP/s':>8s} "
               f"{'MFU':>6s} {'loss':>7s}")
@@ -79,10 +86,8 @@ def main():
     if len(results) == 2:
         fused, ref = results.values()
         lines.append(f"speed-up fused / reference: {ref['step_time_s'] / fused['step_time_s']:.2f}x")
-    table = "\n".join(lines)
-    print("\n" + table)
-    save_results("train", {"config": os.path.relpath(args.config, ROOT), "nproc": args.nproc, "steps": args.steps,
-                           "warmup": args.warmup, "notes": notes, "results": results}, notes, table, args.out)
+    return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()
