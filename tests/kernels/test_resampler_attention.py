@@ -165,6 +165,8 @@ def test_block_boundaries(Lq, Lk, causal, device):
         (1, 130, 257, 1, False, 32, 128),
         (3, 9, 41, 2, True, 12, 20),     # several images in one launch; 12 buckets (padded to 16)
         (2, 20, 200, 1, True, 8, 16),    # small max_distance: many keys in the last bucket
+        (5, 32, 32, 2, True, 32, 128),   # one tile: images grouped 4 per backward program, the last group short
+        (9, 7, 5, 3, False, 32, 128),    # one tile, not causal: three groups, the last holding one image
     ],
 )
 def test_edge_shapes(B, Lq, Lk, H, causal, num_buckets, max_distance, device):
