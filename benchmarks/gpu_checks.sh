@@ -8,6 +8,7 @@
 #   make gpu-kit                          # on a CPU machine with internet: wheels the GPU machine lacks -> .whl/
 #   bash benchmarks/gpu_checks.sh         # on the GPU machine: installs .whl/ + this tree into /tmp, then runs
 #   bash benchmarks/gpu_checks.sh --dry-run   # anywhere: print the plan and the time budget, run nothing
+#   bash benchmarks/gpu_checks.sh --only kernel-tests,loss-bench   # a subset (a rerun after a fix)
 #
 # No virtual environment is needed: the wheels in .whl/ (megatron-core, webdataset, Liger, Cut
 # Cross-Entropy) go to $SITE with pip --no-index --target; PYTHONPATH holds this checkout and $SITE
@@ -16,7 +17,15 @@
 set -u
 cd "$(dirname "$0")/.."
 DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+ONLY=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --dry-run) DRY=1 ;;
+        --only) ONLY=",$2,"; shift ;;
+        *) echo "usage: $0 [--dry-run] [--only STEP,STEP...]"; exit 2 ;;
+    esac
+    shift
+done
 PY=${PY:-python3}
 SITE=${SITE:-/tmp/emu_mc_site}
 RESULTS=benchmarks/results
@@ -29,19 +38,24 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 12")
 STEPS=(
   "environment|20|nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
   "kernel-tests|120|$PY -m pytest tests/kernels -q -ra -p no:cacheprovider -p no:benchmark $XDIST --durations=8 --junitxml=$RESULTS/kernel_tests_{tag}.xml"
-  "resampler-bench|100|$PY benchmarks/resampler_bench.py --batch 256 1024 --out $RESULTS/resampler_bench_{tag}.json"
+  "resampler-bench|60|$PY benchmarks/resampler_bench.py --batch 1024 --out $RESULTS/resampler_bench_{tag}.json"
+  "resampler-tune|40|$PY benchmarks/resampler_tune.py --out $RESULTS/resampler_tune_bench_{tag}.json"
   "loss-bench|90|$PY benchmarks/loss_bench.py --rows 4096 16384 --out $RESULTS/loss_bench_{tag}.json"
   "attention-bench|40|$PY benchmarks/attention_bench.py --out $RESULTS/attention_bench_{tag}.json"
   "train-bench-1b|130|$PY benchmarks/train_bench.py --config configs/bench_1b.yaml --steps 8 --warmup 3 --out $RESULTS/train_bench_{tag}.json"
   "generate-bench|40|$PY benchmarks/generate_bench.py --out $RESULTS/generate_bench_{tag}.json"
 )
 
+selected() { [ -z "$ONLY" ] || [[ $ONLY == *",$1,"* ]]; }
 plan_total=0
-for s in "${STEPS[@]}"; do plan_total=$((plan_total + $(cut -d'|' -f2 <<<"$s"))); done
+for s in "${STEPS[@]}"; do
+    selected "$(cut -d'|' -f1 <<<"$s")" && plan_total=$((plan_total + $(cut -d'|' -f2 <<<"$s")))
+done
 if [ "$DRY" = 1 ]; then
     printf '%-18s %8s  %s\n' step "limit s" command
     for s in "${STEPS[@]}"; do
         IFS='|' read -r name limit cmd <<<"$s"
+        selected "$name" || continue
         script=$(grep -o 'benchmarks/[a-z_]*\.py' <<<"$cmd" | head -1)
         [ -n "$script" ] && [ ! -f "$script" ] && cmd="(skipped: $script does not exist yet)"
         printf '%-18s %8s  %s\n' "$name" "$limit" "$cmd"
@@ -73,6 +87,7 @@ start_all=$SECONDS
 
 for s in "${STEPS[@]}"; do
     IFS='|' read -r name limit cmd <<<"$s"
+    selected "$name" || continue
     cmd=${cmd//\{tag\}/$TAG}
     script=$(grep -o 'benchmarks/[a-z_]*\.py' <<<"$cmd" | head -1)
     if [ -n "$script" ] && [ ! -f "$script" ]; then

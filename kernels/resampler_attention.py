@@ -336,7 +336,10 @@ def _resampler_attention_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 _MAX_BLOCK_M = 64  # the resampler's Lq (32) fits one query block: dQ stays in registers in backward
-_GROUP_B = 4  # images per backward program when the biased score matrix is one tile (the resampler's self-attention)
+# Launch settings; benchmarks/resampler_tune.py times the alternatives on a GPU. group_b: images per backward
+# program when the biased score matrix is one tile (the resampler's self-attention). Backward at 4 warps:
+# ptxas spilled in an sm_90 build without the runtime's argument specialisation; 8 is the safe default.
+LAUNCH = {"fwd_warps": 4, "bwd_warps": 8, "group_b": 4}
 
 
 def _block_sizes(q_len: int, k_len: int, head_dim: int, block_n_max: int):
@@ -382,7 +385,7 @@ def _forward(q, k, v, rel_bias, causal, max_distance, scale):
         H, Lq, Lk, D, scale * _LOG2E, log_max_ratio,
         CAUSAL=causal, HAS_BIAS=rel_bias is not None, NUM_BUCKETS=num_buckets,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+        num_warps=LAUNCH["fwd_warps"],
     )
     return o, lse
 
@@ -394,7 +397,7 @@ def _backward(do, q, k, v, o, lse, rel_bias, causal, max_distance, scale):
     block_m, block_n, block_d = _block_sizes(Lq, Lk, D, block_n_max=32)
     one_m_block = Lq <= block_m
     single_tile = one_m_block and Lk <= block_n
-    group_b = min(_GROUP_B, B) if single_tile and rel_bias is not None else 1
+    group_b = min(LAUNCH["group_b"], B) if single_tile and rel_bias is not None else 1
     dq = torch.empty_like(q) if one_m_block else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     bias, stride_bias_k, stride_bias_h, num_buckets, log_max_ratio = _bias_args(rel_bias, q, max_distance)
@@ -409,7 +412,7 @@ def _backward(do, q, k, v, o, lse, rel_bias, causal, max_distance, scale):
         NB_BLOCK=triton.next_power_of_2(num_buckets), DIAG_BLOCK=2 * max(block_m, block_n), ONE_M_BLOCK=one_m_block,
         SINGLE_TILE=single_tile, GROUP_B=group_b,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=8,  # at 4 warps ptxas spills registers (sm_90, bf16, D=64)
+        num_warps=LAUNCH["bwd_warps"],
     )
     dbias = dbias.to(rel_bias.dtype) if rel_bias is not None else None
     return dq.to(q.dtype), dk, dv, dbias
