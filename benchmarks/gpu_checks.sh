@@ -42,7 +42,7 @@ STEPS=(
   "resampler-tune|40|$PY benchmarks/resampler_tune.py --out $RESULTS/resampler_tune_bench_{tag}.json"
   "loss-bench|90|$PY benchmarks/loss_bench.py --rows 4096 16384 --out $RESULTS/loss_bench_{tag}.json"
   "attention-bench|40|$PY benchmarks/attention_bench.py --out $RESULTS/attention_bench_{tag}.json"
-  "train-bench-1b|130|$PY benchmarks/train_bench.py --config configs/bench_1b.yaml --steps 8 --warmup 3 --out $RESULTS/train_bench_{tag}.json"
+  "train-bench-1b|130|$PY benchmarks/train_bench.py --config configs/bench_1b.yaml --steps 8 --warmup 3 --profile-step 6 --out $RESULTS/train_bench_{tag}.json"
   "generate-bench|40|$PY benchmarks/generate_bench.py --out $RESULTS/generate_bench_{tag}.json"
 )
 
@@ -105,7 +105,7 @@ for s in "${STEPS[@]}"; do
     echo "=== $name: $status after ${took} s" | tee -a "$LOG"
     SUMMARY+=("$(printf '%-18s %-8s %6s %6s  %s' "$name" "$status" "$took" "$limit" "$(grep -v '^\s*$' "$SITE/step.log" | tail -n 1 | cut -c1-90)")")
     if [ -n "${OUT:-}" ]; then  # after every step, so a lease cut short still returns what ended
-        cp "$LOG" "$OUT/" && tar -czf "$OUT/gpu_results_${TAG}.tar.gz" $RESULTS/*_"${TAG}".* 2>/dev/null
+        cp "$LOG" "$OUT/" && tar -czf "$OUT/gpu_results_${TAG}.tar.gz" $RESULTS/*_"${TAG}"[._]* 2>/dev/null
     fi
 done
 
@@ -115,5 +115,5 @@ done
     printf '%-18s %-8s %6s %6s\n' step status "took s" "limit"
     printf '%s\n' "${SUMMARY[@]}"
 } | tee -a "$LOG"
-[ -n "${OUT:-}" ] && cp "$LOG" "$OUT/" && tar -czf "$OUT/gpu_results_${TAG}.tar.gz" $RESULTS/*_"${TAG}".* 2>/dev/null
+[ -n "${OUT:-}" ] && cp "$LOG" "$OUT/" && tar -czf "$OUT/gpu_results_${TAG}.tar.gz" $RESULTS/*_"${TAG}"[._]* 2>/dev/null
 exit "$failed"

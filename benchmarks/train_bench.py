@@ -48,6 +48,9 @@ def main():
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile-step", type=int, default=0,
+                        help="profile this step of the first variant (torch.profiler; its table is printed and saved "
+                             "beside the JSON as <name>_profile.txt)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_bench_<device>.json); "
                                                     "the table goes next to it as .txt")
     args = parser.parse_args()
@@ -63,13 +66,31 @@ def main():
                      "interpreter); MFU n/a (no CPU peak). CPU numbers say nothing about a GPU.")
     print("\n".join(notes))
     results = {}
-    for name, extra in variants.items():  # saved after each variant: a run cut short keeps what finished
+    for i, (name, extra) in enumerate(variants.items()):  # saved after each variant: a run cut short keeps what finished
+        profile = args.profile_step > 0 and i == 0
+        if profile:
+            extra = extra + ["--train.profile_step", str(args.profile_step)]
         with tempfile.TemporaryDirectory() as out_dir:
             results[name] = summarise(run_variant(args.config, args.nproc, args.steps, extra, out_dir), args.warmup)
+            if profile:
+                save_profile(os.path.join(out_dir, f"profile_step{args.profile_step}_rank0.txt"), name, args.out)
         table = format_table(results)
         print("\n" + table)
         save_results("train", {"config": os.path.relpath(args.config, ROOT), "nproc": args.nproc, "steps": args.steps,
                                "warmup": args.warmup, "notes": notes, "results": results}, notes, table, args.out)
+
+
+def save_profile(table_path, variant, out):
+    """Print the rank-0 profile table of `variant` and copy it beside the results JSON."""
+    with open(table_path) as f:
+        table = f"{device_name()}; {variant}; " + f.read()
+    print(table)
+    dest = os.path.splitext(out)[0] + "_profile.txt" if out else os.path.join(
+        ROOT, "benchmarks", "results", "train_bench_profile.txt")
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    with open(dest, "w") as f:
+        f.write(table)
+    print(f"wrote {dest}")
 
 
 def format_table(results):

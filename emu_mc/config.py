@@ -200,6 +200,7 @@ class TrainConfig:
     optimizer_checkpoint: Literal["auto", "fully_reshardable", "dp_reshardable"] = "auto"
     max_consecutive_nonfinite: int = 5
     recompute_activations: bool = False
+    profile_step: int = 0  # > 0: profile that step (torch.profiler) into out_dir/profile_step<N>_rank<R>.txt
 
 
 @dataclass
@@ -233,6 +234,7 @@ class Config:
         _require(self.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1")
         _require(self.train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0 = only at the end and on SIGTERM)")
         _require(self.train.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", ">= 1")
+        _require(self.train.profile_step >= 0, "train.profile_step", ">= 0 (0 = off)")
         _require(d.micro_batch_size >= 1, "data.micro_batch_size", ">= 1")
         _require(d.frames_per_video >= 1, "data.frames_per_video", ">= 1")
         _require(d.num_workers >= 0, "data.num_workers", ">= 0")

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from emu_mc.config import Config, ConfigError, config_to_dict, load_config
+from emu_mc.profiling import maybe_profile
 
 log = logging.getLogger("emu_mc.pretrain")
 
@@ -185,9 +186,10 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
             t0 = time.perf_counter()
             microbatches = [next(loader) for _ in range(cfg.parallel.num_microbatches)]
             t_data = time.perf_counter() - t0
-            out = train_step(model_chunks, optimizer, microbatches, lr)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            with maybe_profile(cfg.train.profile_step, step + 1, cfg.train.out_dir, rank):
+                out = train_step(model_chunks, optimizer, microbatches, lr)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
             dt = time.perf_counter() - t0
 
             _count_nonfinite(out, step, counters)
