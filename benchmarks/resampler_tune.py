@@ -4,8 +4,8 @@
 
 Times `resampler_attention` forward and forward+backward at the Emu resampler's shapes (bf16, H=12,
 D=64, 32 queries; self: causal + T5 bias over 32 keys; cross: 257 keys, no bias) for each value of the
-settings in `emu_mc.kernels.resampler_attention.LAUNCH` (forward warps; backward warps; images per
-backward program for the one-tile biased case), one setting varied at a time from the defaults, and
+settings in `emu_mc.kernels.resampler_attention.LAUNCH` (forward warps; backward warps; the backward's
+key block; images per backward program for the one-tile biased case), one setting varied at a time from the defaults, and
 marks the fastest. The defaults in LAUNCH are what this measured best (see benchmarks/results).
 """
 import argparse
@@ -17,7 +17,7 @@ from emu_mc.kernels import resampler_attention as ra
 from bench_common import device_name, save_results, time_ms
 from resampler_bench import MAX_DISTANCE, WORKLOADS, make_inputs
 
-SWEEP = {"fwd_warps": (2, 4, 8), "bwd_warps": (4, 8), "group_b": (1, 2, 4, 8)}
+SWEEP = {"fwd_warps": (2, 4, 8), "bwd_warps": (4, 8), "bwd_block_n": (16, 32, 64), "group_b": (1, 2, 4, 8)}
 
 
 def time_setting(inputs, workload, mode):

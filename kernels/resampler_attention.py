@@ -337,9 +337,10 @@ def _resampler_attention_bwd_kernel(
 
 _MAX_BLOCK_M = 64  # the resampler's Lq (32) fits one query block: dQ stays in registers in backward
 # Launch settings; benchmarks/resampler_tune.py times the alternatives on a GPU. group_b: images per backward
-# program when the biased score matrix is one tile (the resampler's self-attention). Backward at 4 warps:
+# program when the biased score matrix is one tile (the resampler's self-attention); bwd_block_n: the
+# backward's largest key block. Backward at 4 warps:
 # ptxas spilled in an sm_90 build without the runtime's argument specialisation; 8 is the safe default.
-LAUNCH = {"fwd_warps": 4, "bwd_warps": 8, "group_b": 4}
+LAUNCH = {"fwd_warps": 4, "bwd_warps": 8, "bwd_block_n": 32, "group_b": 4}
 
 
 def _block_sizes(q_len: int, k_len: int, head_dim: int, block_n_max: int):
@@ -394,7 +395,7 @@ def _backward(do, q, k, v, o, lse, rel_bias, causal, max_distance, scale):
     """Launch the backward: dq, dk, dv in the input dtype, dbias [num_buckets, H] in rel_bias's (or None)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    block_m, block_n, block_d = _block_sizes(Lq, Lk, D, block_n_max=32)
+    block_m, block_n, block_d = _block_sizes(Lq, Lk, D, block_n_max=LAUNCH["bwd_block_n"])
     one_m_block = Lq <= block_m
     single_tile = one_m_block and Lk <= block_n
     group_b = min(LAUNCH["group_b"], B) if single_tile and rel_bias is not None else 1
