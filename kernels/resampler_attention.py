@@ -77,9 +77,15 @@ def resampler_attention_reference(
     rel_bias: Optional[torch.Tensor] = None,
     max_distance: int = 128,
     scale: float = 1.0,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
+    seed: Optional[int] = None,
 ) -> torch.Tensor:
     """Eager attention computed in fp32 (fp64 for fp64 inputs, so it can be gradchecked). See the module
-    docstring for shapes and semantics."""
+    docstring for shapes and semantics. Dropout on the attention probabilities (T5's): kept entries are
+    scaled by 1 / (1 - dropout_p); `dropout_mask` (bool [B, H, Lq, Lk], True = keep) fixes which, e.g.
+    `resampler_dropout_mask`'s, the kernel's own; without one, torch's RNG draws it (`seed` is the kernel's
+    and is not used here)."""
     q_len, k_len = q.shape[-2], k.shape[-2]
     dtype = _compute_dtype(q.dtype)
     scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
@@ -89,6 +95,9 @@ def resampler_attention_reference(
         future = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        keep = dropout_mask if dropout_mask is not None else torch.rand_like(probs) >= dropout_p
+        probs = probs * keep / (1 - dropout_p)
     return torch.matmul(probs.to(dtype), v.to(dtype)).to(q.dtype)
 
 
@@ -110,6 +119,25 @@ def _relative_bucket(rel_pos, LOG_MAX_RATIO, NUM_BUCKETS: tl.constexpr):
     log_ratio = tl.math.div_rn(tl.log(ratio), LOG_MAX_RATIO)
     large = MAX_EXACT + (log_ratio * (NUM_BUCKETS - MAX_EXACT)).to(tl.int32)
     return tl.where(n < MAX_EXACT, n, tl.minimum(large, NUM_BUCKETS - 1))
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, DROPOUT_P):
+    """[BLOCK_M, BLOCK_N] bool, True where score (bh, i, j) survives dropout: Philox uniform >= DROPOUT_P,
+    counter = (bh * Lq + i) * Lk + j (int64), so forward, backward and `resampler_dropout_mask` agree."""
+    counter = (bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
+    return tl.rand(seed, counter) >= DROPOUT_P
+
+
+@triton.jit
+def _dropout_mask_kernel(MASK, seed, Lq, Lk, DROPOUT_P, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (B * H, cdiv(Lq, BLOCK_M), cdiv(Lk, BLOCK_N)): MASK [B * H, Lq, Lk] int8 = `_dropout_keep`."""
+    bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, DROPOUT_P)
+    tl.store(MASK + (bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
 
 
 @triton.jit
@@ -142,8 +170,8 @@ def _resampler_attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_bias_k, stride_bias_h,
-    H, Lq, Lk, D, qk_scale, LOG_MAX_RATIO,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+    H, Lq, Lk, D, qk_scale, LOG_MAX_RATIO, seed, DROPOUT_P,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Grid (B * H, cdiv(Lq, BLOCK_M)). Writes O [B, H, Lq, D] (q dtype) and LSE [B * H, Lq] (fp32, log2
@@ -181,6 +209,8 @@ def _resampler_attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:  # the normaliser keeps every probability; only the weights of V are dropped
+            p = tl.where(_dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, DROPOUT_P), p / (1 - DROPOUT_P), 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -232,8 +262,9 @@ def _resampler_attention_bwd_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_bias_k, stride_bias_h,
-    B, H, Lq, Lk, D, scale, qk_scale, LOG_MAX_RATIO,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr, NB_BLOCK: tl.constexpr,
+    B, H, Lq, Lk, D, scale, qk_scale, LOG_MAX_RATIO, seed, DROPOUT_P,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    NB_BLOCK: tl.constexpr,
     DIAG_BLOCK: tl.constexpr, ONE_M_BLOCK: tl.constexpr, SINGLE_TILE: tl.constexpr, GROUP_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -297,8 +328,14 @@ def _resampler_attention_bwd_kernel(
                     offsets = _score_offsets(offs_m, offs_n, h, Lk, BIAS, stride_bias_k, stride_bias_h,
                                              LOG_MAX_RATIO, CAUSAL, HAS_BIAS, NUM_BUCKETS)
                 p = tl.exp2(_scores(q, k, offsets, qk_scale, DOT_PRECISION) - lse[:, None])
-                dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                if HAS_DROPOUT:  # O = (P * keep / (1 - p)) V, and delta = rowsum(dO * O) already has the mask
+                    keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, DROPOUT_P)
+                    dv_acc += tl.dot(tl.trans(tl.where(keep, p / (1 - DROPOUT_P), 0.0).to(do.dtype)), do,
+                                     input_precision=DOT_PRECISION)
+                    dp = tl.where(keep, dp / (1 - DROPOUT_P), 0.0)
+                else:
+                    dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
                 ds = p * (dp - delta[:, None])  # d loss / d (scale * q k^T + bias), fp32
                 dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
                 dq_tile = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -371,7 +408,7 @@ def _launch(kernel, grid, *args, **meta):
         kernel[grid](*args, num_stages=1, **meta)
 
 
-def _forward(q, k, v, rel_bias, causal, max_distance, scale):
+def _forward(q, k, v, rel_bias, causal, max_distance, scale, dropout_p=0.0, seed=0):
     """Launch the forward: o [B, H, Lq, D] (q's dtype and layout), lse [B * H, Lq] fp32 (log2 domain)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -383,15 +420,15 @@ def _forward(q, k, v, rel_bias, causal, max_distance, scale):
         _resampler_attention_fwd_kernel, (B * H, triton.cdiv(Lq, block_m)),
         q, k, v, o, lse, bias,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), stride_bias_k, stride_bias_h,
-        H, Lq, Lk, D, scale * _LOG2E, log_max_ratio,
-        CAUSAL=causal, HAS_BIAS=rel_bias is not None, NUM_BUCKETS=num_buckets,
+        H, Lq, Lk, D, scale * _LOG2E, log_max_ratio, seed, dropout_p,
+        CAUSAL=causal, HAS_BIAS=rel_bias is not None, NUM_BUCKETS=num_buckets, HAS_DROPOUT=dropout_p > 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=LAUNCH["fwd_warps"],
     )
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, rel_bias, causal, max_distance, scale):
+def _backward(do, q, k, v, o, lse, rel_bias, causal, max_distance, scale, dropout_p=0.0, seed=0):
     """Launch the backward: dq, dk, dv in the input dtype, dbias [num_buckets, H] in rel_bias's (or None)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -408,8 +445,8 @@ def _backward(do, q, k, v, o, lse, rel_bias, causal, max_distance, scale):
         q, k, v, o, do, lse, bias, dq, dk, dv, dbias,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
         *dq.stride(), *dk.stride(), *dv.stride(), stride_bias_k, stride_bias_h,
-        B, H, Lq, Lk, D, scale, scale * _LOG2E, log_max_ratio,
-        CAUSAL=causal, HAS_BIAS=rel_bias is not None, NUM_BUCKETS=num_buckets,
+        B, H, Lq, Lk, D, scale, scale * _LOG2E, log_max_ratio, seed, dropout_p,
+        CAUSAL=causal, HAS_BIAS=rel_bias is not None, NUM_BUCKETS=num_buckets, HAS_DROPOUT=dropout_p > 0,
         NB_BLOCK=triton.next_power_of_2(num_buckets), DIAG_BLOCK=2 * max(block_m, block_n), ONE_M_BLOCK=one_m_block,
         SINGLE_TILE=single_tile, GROUP_B=group_b,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
@@ -423,17 +460,17 @@ class ResamplerAttentionFunction(torch.autograd.Function):
     """Fused resampler attention; see `resampler_attention`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rel_bias, causal, max_distance, scale):
-        o, lse = _forward(q, k, v, rel_bias, causal, max_distance, scale)
+    def forward(ctx, q, k, v, rel_bias, causal, max_distance, scale, dropout_p, seed):
+        o, lse = _forward(q, k, v, rel_bias, causal, max_distance, scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, o, lse, rel_bias)
-        ctx.causal, ctx.max_distance, ctx.scale = causal, max_distance, scale
+        ctx.settings = causal, max_distance, scale, dropout_p, seed
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, rel_bias = ctx.saved_tensors
-        dq, dk, dv, dbias = _backward(do, q, k, v, o, lse, rel_bias, ctx.causal, ctx.max_distance, ctx.scale)
-        return dq, dk, dv, dbias, None, None, None
+        dq, dk, dv, dbias = _backward(do, q, k, v, o, lse, rel_bias, *ctx.settings)
+        return dq, dk, dv, dbias, None, None, None, None, None
 
 
 def resampler_attention(
@@ -445,11 +482,17 @@ def resampler_attention(
     rel_bias: Optional[torch.Tensor] = None,
     max_distance: int = 128,
     scale: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
 ) -> torch.Tensor:
     """Fused Triton resampler attention, same signature and semantics as `resampler_attention_reference`.
 
     q [B, H, Lq, D], k/v [B, H, Lk, D]: one dtype (fp16, bf16 or fp32), any strides, D <= 256.
     rel_bias: optional bucket table [num_buckets, H] (any float dtype; its gradient comes back in it).
+    dropout_p: attention-probability dropout; its mask comes from Philox keyed by `seed` (default: drawn
+    from torch's CPU generator, so torch.manual_seed makes runs repeatable and activation recompute,
+    which restores RNG state, redraws the same), regenerated in backward, never stored; it equals
+    `resampler_dropout_mask(seed, ...)`.
     Returns [B, H, Lq, D] in q's dtype and memory layout. CUDA tensors, or CPU under TRITON_INTERPRET=1.
     """
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
@@ -463,7 +506,22 @@ def resampler_attention(
                                  or max_distance <= rel_bias.shape[0] // 2):
         raise ValueError(f"rel_bias must be [num_buckets >= 2, H={q.shape[1]}] with max_distance > num_buckets // 2; "
                          f"got {tuple(rel_bias.shape)}, max_distance={max_distance}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+    if dropout_p > 0 and seed is None:
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,)))  # CPU generator: no device sync
     if not q.is_cuda and isinstance(_resampler_attention_fwd_kernel, triton.JITFunction):
         raise RuntimeError("resampler_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported); "
                            "use resampler_attention_reference on CPU")
-    return ResamplerAttentionFunction.apply(q, k, v, rel_bias, causal, max_distance, scale)
+    return ResamplerAttentionFunction.apply(q, k, v, rel_bias, causal, max_distance, scale, dropout_p, seed or 0)
+
+
+def resampler_dropout_mask(seed: int, B: int, H: int, Lq: int, Lk: int, dropout_p: float,
+                           device) -> torch.Tensor:
+    """The keep mask bool [B, H, Lq, Lk] that `resampler_attention(..., dropout_p, seed)` applies (for
+    tests and for `resampler_attention_reference(dropout_mask=...)`). CUDA, or CPU under the interpreter."""
+    mask = torch.empty(B * H, Lq, Lk, dtype=torch.int8, device=device)
+    block_m, block_n = 32, 32
+    _dropout_mask_kernel[(B * H, triton.cdiv(Lq, block_m), triton.cdiv(Lk, block_n))](
+        mask, seed, Lq, Lk, dropout_p, BLOCK_M=block_m, BLOCK_N=block_n)
+    return mask.view(B, H, Lq, Lk).bool()

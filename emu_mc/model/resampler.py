@@ -40,10 +40,12 @@ class MultiHeadAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.d_kv).transpose(1, 2)  # [B, H, L, D]
 
-    def forward(self, x, kv, attend: Callable, *, causal: bool, rel_bias=None, max_distance: int = 128):
-        """x [B, Lq, d_model], kv [B, Lk, kv_width] -> [B, Lq, d_model]."""
+    def forward(self, x, kv, attend: Callable, *, causal: bool, rel_bias=None, max_distance: int = 128,
+                dropout_p: float = 0.0):
+        """x [B, Lq, d_model], kv [B, Lk, kv_width] -> [B, Lq, d_model]; dropout_p on the attention
+        probabilities, as T5 does."""
         out = attend(self._heads(self.q(x)), self._heads(self.k(kv)), self._heads(self.v(kv)),
-                     causal=causal, rel_bias=rel_bias, max_distance=max_distance, scale=1.0)
+                     causal=causal, rel_bias=rel_bias, max_distance=max_distance, scale=1.0, dropout_p=dropout_p)
         return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -61,10 +63,12 @@ class ResamplerLayer(nn.Module):
         self.max_distance = cfg.max_distance
 
     def forward(self, x, visual, rel_bias, attend):
+        attn_dropout = self.dropout.p if self.training else 0.0
         h = self.self_norm(x)
         x = x + self.dropout(self.self_attn(h, h, attend, causal=True, rel_bias=rel_bias,
-                                            max_distance=self.max_distance))
-        x = x + self.dropout(self.cross_attn(self.cross_norm(x), visual, attend, causal=False))
+                                            max_distance=self.max_distance, dropout_p=attn_dropout))
+        x = x + self.dropout(self.cross_attn(self.cross_norm(x), visual, attend, causal=False,
+                                             dropout_p=attn_dropout))
         h = self.wo(self.dropout(torch.relu(self.wi(self.ff_norm(x)))))
         return x + self.dropout(h)
 

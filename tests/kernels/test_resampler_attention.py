@@ -87,13 +87,14 @@ def fp32_reference(q, k, v, rel_bias, do, **kwargs):
     return run_with_grads(resampler_attention_reference, *leaves, do.float(), **kwargs)
 
 
-def assert_matches_reference(q, k, v, rel_bias, tol, *, do=None, **kwargs):
+def assert_matches_reference(q, k, v, rel_bias, tol, *, do=None, dropout_mask=None, **kwargs):
     """Kernel vs fp32 reference, forward and every gradient, each held to tol = (atol, rtol) (see
-    TOLERANCES) and named on failure. `do` defaults to a (seeded) random upstream gradient."""
+    TOLERANCES) and named on failure. `do` defaults to a (seeded) random upstream gradient;
+    `dropout_mask` goes to the reference only."""
     atol, rtol = tol
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q) if do is None else do
     out, grads = run_with_grads(resampler_attention, q, k, v, rel_bias, do, **kwargs)
-    want_out, want_grads = fp32_reference(q, k, v, rel_bias, do, **kwargs)
+    want_out, want_grads = fp32_reference(q, k, v, rel_bias, do, dropout_mask=dropout_mask, **kwargs)
     assert out.dtype == q.dtype and out.shape == q.shape
     names = ["out", "dq", "dk", "dv", "dbias"]
     for name, got, want in zip(names, (out, *grads), (want_out, *want_grads)):
@@ -175,6 +176,46 @@ def test_edge_shapes(B, Lq, Lk, H, causal, num_buckets, max_distance, device):
                              max_distance=max_distance)
 
 
+@pytest.mark.parametrize(
+    "B,Lq,Lk,H,causal,bias",
+    [
+        (5, 32, 32, 2, True, True),    # the resampler's self-attention: one tile, images grouped in backward
+        (2, 32, 45, 3, False, False),  # cross-attention, Lk past one key block
+        (1, 70, 40, 1, True, True),    # several query blocks: dQ through the fp32 buffer
+    ],
+)
+def test_dropout_matches_reference_with_the_kernels_mask(B, Lq, Lk, H, causal, bias, device):
+    p, seed = 0.25, 1234
+    q, k, v, rel_bias = make_inputs(B, H, Lq, Lk, 32, torch.float32, device, bias=bias)
+    mask = ra.resampler_dropout_mask(seed, B, H, Lq, Lk, p, device)
+    assert 0 < mask.float().mean() < 1
+    assert_matches_reference(q, k, v, rel_bias, TOLERANCES[torch.float32], causal=causal, scale=32 ** -0.5,
+                             dropout_p=p, seed=seed, dropout_mask=mask)
+
+
+def test_dropout_mask_keep_rate_and_determinism(device):
+    B, H, Lq, Lk, p = 4, 3, 32, 257, 0.1
+    mask = ra.resampler_dropout_mask(7, B, H, Lq, Lk, p, device)
+    n = mask.numel()
+    keep = mask.float().mean().item()
+    assert abs(keep - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5  # within 4 standard deviations
+    assert torch.equal(mask, ra.resampler_dropout_mask(7, B, H, Lq, Lk, p, device))
+    assert not torch.equal(mask, ra.resampler_dropout_mask(8, B, H, Lq, Lk, p, device))
+    # every (image, head) gets its own mask, not one repeated
+    assert not torch.equal(mask[0, 0], mask[1, 0]) and not torch.equal(mask[0, 0], mask[0, 1])
+
+
+def test_dropout_seed_drawn_from_torch_generator(device):
+    """Without a seed the kernel draws one from torch's CPU generator: torch.manual_seed repeats it."""
+    q, k, v, _ = make_inputs(1, 2, 8, 8, 16, torch.float32, device, bias=False)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        outs.append(resampler_attention(q, k, v, causal=True, dropout_p=0.5))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], resampler_attention(q, k, v, causal=True, dropout_p=0.5))
+
+
 def test_strided_layouts(device):
     """q, k, v as [B, L, H, D] buffers seen through .transpose(1, 2) (the model's layout), a bucket table
     stored transposed, and a stride-0 upstream gradient (from out.sum())."""
@@ -232,6 +273,13 @@ def test_rejects_bad_inputs(q_shape, k_shape, dtype, bias_shape, max_distance, m
     rel_bias = torch.zeros(bias_shape, device=device) if bias_shape else None
     with pytest.raises(ValueError, match=match):
         resampler_attention(q, k, k, causal=True, rel_bias=rel_bias, max_distance=max_distance)
+
+
+@pytest.mark.parametrize("dropout_p", [-0.1, 1.0])
+def test_rejects_bad_dropout(dropout_p, device):
+    q = torch.zeros(1, 2, 4, 8, device=device)
+    with pytest.raises(ValueError, match="dropout_p"):
+        resampler_attention(q, q, q, causal=False, dropout_p=dropout_p)
 
 
 def test_rejects_mixed_dtypes(device):

@@ -41,3 +41,23 @@ def test_output_i_depends_on_queries_up_to_i(j):
     diff = (moved - base).abs().amax(dim=(0, 2))  # per query position
     assert diff[:j].max().item() <= 1e-12 if j > 0 else True
     assert (diff[j:] > 1e-6).all(), diff
+
+
+def test_attention_probability_dropout_only_in_training():
+    """T5's dropout sites, the attention probabilities included: active in train mode (repeatable under a
+    seed), off in eval mode."""
+    cfg = ResamplerConfig(num_queries=8, d_model=32, num_layers=1, num_heads=4, d_kv=8, d_ff=64,
+                          num_buckets=8, max_distance=16, dropout=0.3, attention_impl="reference")
+    torch.manual_seed(0)
+    model = CausalResampler(cfg, visual_width=24, out_width=40)
+    visual = torch.randn(2, 10, 24)
+    calls, reference = [], model.attend
+    model.attend = lambda *args, **kwargs: calls.append(kwargs["dropout_p"]) or reference(*args, **kwargs)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        runs.append(model(visual))
+    assert torch.equal(runs[0], runs[1]) and set(calls) == {0.3}
+    calls.clear()
+    model.eval()
+    assert torch.equal(model(visual), model(visual)) and set(calls) == {0.0}
