@@ -27,7 +27,7 @@ STEPS=(
   "environment|20|nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
   "kernel-tests|120|$PY -m pytest tests/kernels -q -ra -p no:cacheprovider --durations=8 --junitxml=$RESULTS/kernel_tests_{tag}.xml"
   "resampler-bench|100|$PY benchmarks/resampler_bench.py --batch 256 1024 --out $RESULTS/resampler_bench_{tag}.json"
-  "loss-bench|90|$PY benchmarks/loss_bench.py --rows 4096 16384 --out $RESULTS/loss_bench_{tag}.json"
+  "loss-bench|90|$PY benchmarks/loss_bench.py --rows 4096 16384 --vocab 32000 --out $RESULTS/loss_bench_{tag}.json"
   "attention-bench|40|$PY benchmarks/attention_bench.py --out $RESULTS/attention_bench_{tag}.json"
   "train-bench-1b|130|$PY benchmarks/train_bench.py --config configs/bench_1b.yaml --steps 8 --warmup 3 --out $RESULTS/train_bench_{tag}.json"
   "generate-bench|40|$PY benchmarks/generate_bench.py --out $RESULTS/generate_bench_{tag}.json"

@@ -29,17 +29,19 @@ Design (v2): chunked, gradients computed in the forward (the Liger-Kernel scheme
     _logit_grad_kernel: overwrites the logits in place with softmax - onehot(target) (0 in padded
       columns and ignored rows), rounded once to the input dtype
     grad_hidden[chunk] = grad_logits @ W;  grad_W += grad_logits^T @ hidden_chunk (addmm, in place)
-  regression, this rank's rows: residual = hidden[rows] @ E^T - targets (matmul in the input dtype,
-    residual fp32), grads residual @ E and residual^T @ hidden[rows] in the input dtype.
+  regression, this rank's rows: residual = hidden[rows] @ head^T - targets (matmul in the input
+    dtype, residual fp32); grads residual @ head and residual^T @ hidden[rows] in the input dtype; with
+    tp_group the sum of squares and the head's gradient are all-reduced.
   The gradients are kept unscaled (softmax - onehot, residual): backward multiplies them in place by
   grad_ce / num_valid and grad_reg * 2 / (R E), device scalars, so nothing syncs with the host and
-  fp16 gradients do not underflow before the GEMMs. Backward therefore runs once per forward.
+  fp16 gradients do not underflow before the GEMMs (sums over rows must stay below fp16's 65504).
+  Backward therefore runs once per forward.
 Why this and not Cut Cross-Entropy's recompute-in-backward: the three N x V x H products (5.4 TFLOP
 each at N = 16384, V = 32000, H = 5120) are the whole cost; cuBLAS runs them at tensor-core peak, while
 a fused Triton tile kernel has to match it with wgmma and then reduce grad_W over row blocks (locks or a
 second pass) and recompute the logits (a fourth product); CCE measured 2.9x eager on the H100 here,
 Liger's chunked scheme 0.83x. The Triton part is the memory-bound row pass: two reads and one write of
-each chunk (~1 GiB of traffic in all at N = 16384, V = 32000 bf16; ~0.5 ms on H100).
+each chunk (3 GiB of traffic in all at N = 16384, V = 32000 bf16: ~1 ms on an H100).
 Chunk size: rows such that a chunk of logits takes <= 128 MiB (2048 rows at V = 32000 bf16). The
 memory target is Cut Cross-Entropy's peak + 128 MiB, and the returned gradients (hidden, W, head: 522
 MiB at N = 16384) are most of that peak, so the chunk is the budget left; 2048 x 32000 outputs are still
