@@ -213,7 +213,7 @@ def _launch(kernel, grid, *args, **meta):
 
 _CHUNK_BYTES_CUDA = 128 * 2 ** 20  # logits per chunk (module docstring)
 _CHUNK_ROWS_INTERPRETER = 32  # small test shapes span several chunks
-_BLOCK_V_INTERPRETER = 64  # ... and several vocab blocks per row
+_BLOCK_V_INTERPRETER = 128  # ... and several vocab blocks per row
 
 
 def _chunk_rows(num_rows: int, v_local: int, element_size: int, device: torch.device) -> int:

@@ -55,7 +55,7 @@ class Case:
     dtype: torch.dtype = torch.float32
 
 
-# Under the interpreter a chunk is 32 rows and a vocab block 64 columns: N = 70 spans 3 chunks (the last
+# Under the interpreter a chunk is 32 rows and a vocab block 128 columns: N = 70 spans 3 chunks (the last
 # partial), V = 300 / 257 / 130 end in a partial vocab block.
 CASES = [
     Case("mixed", 70, 64, 300, 64, "some", 6),
