@@ -31,8 +31,9 @@ from tests.torchrun_utils import torchrun
 # fp32: fp32 GEMMs and statistics: only summation order differs.
 # fp16: the logits, softmax - onehot and the regression residual are rounded to fp16 before the gradient
 # GEMMs, grad lm_weight is accumulated in fp16 across row chunks, and the gradients are returned in fp16
-# (relative rounding 4.9e-4). bf16 (8-bit mantissa, 8x fp16's rounding) is set by analogy and checked on a
-# GPU only (the interpreter mishandles bf16).
+# (relative rounding 4.9e-4). bf16 (8-bit mantissa, 8x fp16's rounding) is set by analogy. At N 96, V 4096,
+# H 256 on the interpreter the worst errors were 7.6e-4 (fp16) and 7.8e-3 (bf16) of the largest gradient
+# entry. The row kernels have no tl.dot, so bf16 runs under the interpreter too (its tl.dot mishandles bf16).
 TOLERANCES = {
     torch.float32: (2e-6, 1e-5),
     torch.float16: (1.5e-3, 1.5e-3),
@@ -67,6 +68,7 @@ CASES = [
     Case("only_regression", 40, 88, 130, 88, "all", 40),
     Case("all_ignored", 40, 64, 130, 64, "all", 0, dtype=torch.float16),
     Case("one_row", 1, 64, 130, 64, "none", 1),
+    Case("mixed", 70, 88, 300, 88, "some", 6, dtype=torch.bfloat16),
 ]
 GPU_CASES = [
     Case("mixed", 70, 88, 300, 88, "some", 6, dtype=torch.bfloat16),
@@ -147,6 +149,20 @@ def test_matches_reference(case, device):
         assert actual[1].item() == 0.0 and (actual[4] == 0).all()
     if case.R == 0:
         assert actual[2].item() == 0.0 and (actual[5] == 0).all()
+
+
+def test_cuda_configuration(device, monkeypatch):
+    """What a CUDA device runs (4096-column blocks, chunks of a multiple of 128 rows within a byte budget),
+    against the reference wherever the test runs: the budget is cut so that N = 300 spans 3 chunks (128,
+    128, 44) and V = 5000 two vocab blocks."""
+    import emu_mc.kernels.mixed_loss as ml
+
+    cuda = torch.device("cuda")
+    chunk_rows, row_kernel_meta = ml._chunk_rows, ml._row_kernel_meta
+    monkeypatch.setattr(ml, "_CHUNK_BYTES_CUDA", 128 * 5000 * 4)
+    monkeypatch.setattr(ml, "_chunk_rows", lambda rows, v_local, element_size, _: chunk_rows(rows, v_local, 4, cuda))
+    monkeypatch.setattr(ml, "_row_kernel_meta", lambda v_local, _: row_kernel_meta(v_local, cuda))
+    check_case(Case("cuda_configuration", 300, 64, 5000, 64, "some", 30, valid_vocab_size=4990), device)
 
 
 @pytest.mark.gpu
@@ -267,7 +283,7 @@ def test_no_host_sync(device):
         (targets != IGNORE).nonzero()
         _ = hidden[targets != IGNORE]
         (targets != IGNORE).sum().item()
-    assert ops.host_syncs == ["aten.nonzero.default", "aten.index.Tensor", "aten._local_scalar_dense.default"]
+    assert {"aten.nonzero.default", "aten.index.Tensor", "aten._local_scalar_dense.default"} <= set(ops.host_syncs)
 
 
 @pytest.mark.gpu
