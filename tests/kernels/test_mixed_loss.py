@@ -249,6 +249,26 @@ def test_memory_no_logits(device, monkeypatch):
     assert max(t.numel() for t in ref_saved) >= case.N * case.V and ref_largest >= logits_bytes
 
 
+@pytest.mark.gpu
+def test_peak_memory_at_emu_size(device):
+    """bf16, N 8192, V 32000, H = E = 5120: the CUDA allocator's peak during forward + backward, above the
+    inputs, stays within the gradients it returns plus 256 MiB (a 2048-row chunk of logits is 125 MiB;
+    the whole [N, V] logits would be 500 MiB in bf16)."""
+    case = Case("memory_emu", 8192, 5120, 32000, 5120, "some", 2048, dtype=torch.bfloat16)
+    inputs = make_inputs(case, device)
+    leaves = (inputs[0], inputs[1], inputs[3])
+    torch.autograd.grad(mixed_ce_regression_loss(*inputs)[0], leaves)  # warm-up: kernels, cuBLAS workspaces
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grads = torch.autograd.grad(mixed_ce_regression_loss(*inputs)[0], leaves)
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    grads_mib = sum(g.numel() * g.element_size() for g in grads) / 2 ** 20
+    print(f"peak above inputs {peak_mib:.0f} MiB, of which gradients {grads_mib:.0f} MiB")
+    assert peak_mib <= grads_mib + 256, f"peak {peak_mib:.0f} MiB, gradients {grads_mib:.0f} MiB"
+
+
 class _AtenOps(TorchDispatchMode):
     """Records the name of every aten op run, and in `host_syncs` those that wait for the device: scalar
     reads, and ops whose output shape depends on tensor values (nonzero, masked_select, unique,
