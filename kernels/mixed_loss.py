@@ -154,10 +154,6 @@ def mixed_ce_regression_loss_reference(
     return total, ce, reg
 
 
-# ---------------------------------------------------------------------------------------------------
-# Fused op
-
-
 # Vocabulary sizes are constexprs (fixed for a run): a loop bound passed as a runtime int breaks triton
 # 3.6's interpreter (it converts the bound from a 1-element numpy array).
 @triton.jit
@@ -247,7 +243,7 @@ def _cross_entropy_chunks(hidden, lm_weight, targets, ignore_index, vocab_start,
     with d(sum of CE)/d hidden and grad_lm_weight [V_local, H] (zeros on entry) with d(sum of CE)/d W,
     both in the input dtype, unscaled (not divided by the number of valid rows)."""
     num_rows, v_local = hidden.shape[0], lm_weight.shape[0]
-    chunk = min(num_rows, _chunk_rows(num_rows, v_local, hidden.element_size(), hidden.device))
+    chunk = max(1, min(num_rows, _chunk_rows(num_rows, v_local, hidden.element_size(), hidden.device)))
     meta = _row_kernel_meta(v_local, hidden.device)
     logits_buffer = hidden.new_empty(chunk, v_local)
     ce_rows = hidden.new_empty(num_rows, dtype=torch.float32)
