@@ -1,11 +1,13 @@
 """Mixed loss benchmark: the fused Triton CE + regression loss beside the alternatives, on the same inputs.
 
-    python benchmarks/loss_bench.py               # GPU: N in 4k 16k 64k rows, V = 32000, H = E = 5120, bf16
+    python benchmarks/loss_bench.py               # GPU: N in 4k 16k 64k rows x V in 32000 4000, H = E = 5120, bf16
+    python benchmarks/loss_bench.py --rows 4096 16384 --vocab 32000
     python benchmarks/loss_bench.py --quick       # tiny sizes (the default without CUDA)
 
 Workload: hidden [N, H] -> CE of hidden @ lm_weight[V, H].T over the text rows (1/8 of the rows ignored)
-plus MSE of hidden[reg_index] @ reg_head_weight[E, H].T against reg_targets over R = N / 8 regression rows,
-forward + backward (gradients of hidden, lm_weight and reg_head_weight).
+plus MSE of hidden[reg_index] @ reg_head_weight[E, H].T against reg_targets over R = N / 4 regression rows,
+forward + backward (gradients of hidden, lm_weight and reg_head_weight). V = 4000 is Emu-14B's vocabulary
+shard at TP = 8. Results are saved after every (V, N) case, so a run cut short keeps what it measured.
 Implementations:
   eager    logits in the input dtype, F.cross_entropy in fp32, F.mse_loss (what a model does by default)
   compile  torch.compile of eager
@@ -36,7 +38,7 @@ MIB = 2 ** 20
 
 def make_inputs(N, V, H, dtype, device):
     """Leaves hidden [N, H], lm_weight [V, H], reg_head_weight [H, H] (requiring grad); targets [N] with
-    1/8 ignored, reg_index [N / 8], reg_targets [N / 8, H]."""
+    1/8 ignored, reg_index [N / 4], reg_targets [N / 4, H]."""
     gen = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape, std=1.0):
@@ -47,8 +49,8 @@ def make_inputs(N, V, H, dtype, device):
     reg_head_weight = randn(H, H, std=H ** -0.5).requires_grad_()
     targets = torch.randint(0, V, (N,), generator=gen, device=device)
     targets[torch.rand(N, generator=gen, device=device) < 1 / 8] = IGNORE
-    reg_index = torch.randperm(N, generator=gen, device=device)[:N // 8]
-    return hidden, lm_weight, targets, reg_head_weight, reg_index, randn(N // 8, H)
+    reg_index = torch.randperm(N, generator=gen, device=device)[:N // 4]
+    return hidden, lm_weight, targets, reg_head_weight, reg_index, randn(N // 4, H)
 
 
 def mse(hidden, reg_head_weight, reg_index, reg_targets):
@@ -148,11 +150,11 @@ def bench_case(N, V, H, impls, dtype, cuda, device, reps):
 
 
 def format_table(rows):
-    header = (f"{'N':>6s} {'impl':8s} {'ms':>10s} {'peak MiB':>10s} {'|err|':>8s} {'t/eager':>8s} {'m/eager':>8s} "
+    header = (f"{'V':>6s} {'N':>6s} {'impl':8s} {'ms':>10s} {'peak MiB':>10s} {'|err|':>8s} {'t/eager':>8s} {'m/eager':>8s} "
               f"{'t/ours':>7s} {'m/ours':>7s}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        start = f"{r['N']:6d} {r['impl']:8s}"
+        start = f"{r['V']:6d} {r['N']:6d} {r['impl']:8s}"
         if "skipped" in r:
             lines.append(f"{start} skipped: {r['skipped']}")
             continue
@@ -165,28 +167,33 @@ def format_table(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", help="N (default 4096 16384 65536; quick: 256 1024 4096)")
-    parser.add_argument("--vocab", type=int, help="V (default 32000; quick: 4096)")
+    parser.add_argument("--vocab", type=int, nargs="+", help="V (default 32000 4000; quick: 4096)")
     parser.add_argument("--hidden", type=int, help="H = E (default 5120; quick: 256)")
     add_kernel_bench_args(parser, "loss", reps=5)
     args = parser.parse_args()
     cuda, quick, device, dtype = kernel_bench_setup(args)
     sizes = args.rows or ([256, 1024, 4096] if quick else [4096, 16384, 65536])
-    V, H = args.vocab or (4096 if quick else 32000), args.hidden or (256 if quick else 5120)
+    vocabs = args.vocab or ([4096] if quick else [32000, 4000])
+    H = args.hidden or (256 if quick else 5120)
     impls, missing = implementations(cuda)
-    notes = [f"{device_name()}, {dtype}, V={V} H=E={H}, R=N/8 regression rows, 1/8 of text rows ignored, "
-             f"N sweep {sizes}; forward+backward"]
+    notes = [f"{device_name()}, {dtype}, H=E={H}, R=N/4 regression rows, 1/8 of text rows ignored, "
+             f"V sweep {vocabs} x N sweep {sizes}; forward+backward"]
     notes += [f"not run: {name}: {why}" for name, why in missing.items()]
     if not cuda:
         notes.append("NO CUDA: tiny sizes, PyTorch paths only. CPU numbers say nothing about a GPU.")
     print("\n".join(notes))
     rows = []
-    for N in sizes:
-        rows += bench_case(N, V, H, impls, dtype, cuda, device, args.reps)
-        print(format_table([r for r in rows if r["N"] == N]).split("\n", 2)[-1], flush=True)
-    table = format_table(rows)
-    print("\n" + table)
-    save_results("loss", {"quick": quick, "dtype": str(dtype), "shapes": {"V": V, "H": H, "E": H, "rows": sizes},
-                          "notes": notes, "rows": rows}, notes, table, args.out)
+    for V in vocabs:
+        for N in sizes:
+            case = bench_case(N, V, H, impls, dtype, cuda, device, args.reps)
+            rows += case
+            print(format_table(case).split("\n", 2)[-1], flush=True)
+            shapes = {"V": vocabs, "H": H, "E": H, "rows": sizes}
+            save_results("loss", {"quick": quick, "dtype": str(dtype), "shapes": shapes, "notes": notes,
+                                         "rows": rows}, notes, format_table(rows), args.out)
+            if cuda:
+                torch.cuda.empty_cache()
+    print("\n" + format_table(rows))
 
 
 if __name__ == "__main__":

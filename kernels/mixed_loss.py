@@ -10,31 +10,47 @@ Returns (total, ce, reg), fp32 scalars:
   reg = mean over rows and features of (hidden[reg_index] @ reg_head_weight.T - reg_targets)^2 (0 when R = 0)
   total = ce_loss_weight * ce + reg_loss_weight * reg
 `valid_vocab_size` (global) excludes padded vocabulary rows from the softmax; targets must lie below it.
-With `tp_group`, rank r holds vocab ids [r * V_local, (r + 1) * V_local): every rank returns the same
-(full) ce and reg, and the gradient of `hidden` on a rank is its own vocab shard's share of the CE term
-plus the whole regression term (the caller all-reduces, e.g. megatron's column-parallel input region;
-see EmuModel.loss). Empty terms have value 0 and zero gradients.
+With `tp_group` (vocab-parallel), rank r holds vocab ids [r * V_local, (r + 1) * V_local) and regression
+rows [r * R // tp, (r + 1) * R // tp) of reg_index. Every rank returns the same (full) ce and reg; the
+gradient of `hidden` (and of reg_targets) on a rank is a partial sum, its vocab shard's share of the CE
+term plus its regression rows, which the caller sums over the ranks (megatron's copy-to-TP region does,
+see EmuModel.loss) to get exactly the TP = 1 gradient; the gradient of reg_head_weight is complete on
+every rank (summed inside). Empty terms have value 0 and zero gradients.
 
 This file holds the plain PyTorch reference `mixed_ce_regression_loss_reference` (materialises the
-[N, V] logits: the fallback and the ground truth of the tests) and the fused Triton op
-`mixed_ce_regression_loss` (same signature and semantics; fp16, bf16 or fp32 inputs), which never
-holds more than a [BLOCK_N, BLOCK_V] tile of logits:
-  forward   CE over the non-ignored rows only (gathered by index inside the kernel). One program per
-            (row block, vocab split) streams its vocab blocks: logits tile = h @ W_blk^T accumulated in
-            fp32 over hidden blocks, online max / sum-exp and the target logit per row. Each split
-            writes its per-row logsumexp and target logit, combined in torch; with `tp_group`, one
-            all_gather of every rank's [2, M] (logsumexp, target logit) combines the ranks the same
-            way. Saves the inputs and the row logsumexp [M] fp32.
-  backward  one program per (row block, vocab block) recomputes its logits tile, forms
-            dlogits = softmax - onehot (fp32, rounded to the input dtype for the two dots, the per-row
-            scale grad_ce / M applied after them in fp32 so fp16 does not underflow), and atomically
-            adds dlogits @ W_blk into an fp32 grad_hidden [N, H] and dlogits^T @ h into an fp32
-            grad_lm_weight [V_local, H], hidden block by hidden block. Atomics make the summation order,
-            hence the last bits of the gradients, vary from run to run.
-The regression term (R x H by H x E) is plain fp32 torch matmuls inside the same autograd.Function,
-recomputed in backward rather than saved.
+[N, V] logits: the fallback and the ground truth of the tests) and the fused op `mixed_ce_regression_loss`
+(same signature and semantics; fp16, bf16 or fp32), which never holds more than one chunk of logits.
+
+Design (v2): chunked, gradients computed in the forward (the Liger-Kernel scheme), GEMMs on cuBLAS.
+  forward, per chunk of rows (all rows: skipping ignored ones would need their count on the host):
+    logits = hidden_chunk @ W^T                      cuBLAS, input dtype out (fp32 accumulate)
+    _row_stats_kernel: per row max, sum exp and the target's logit over the valid columns (fp32);
+      with tp_group the ranks combine them here (all-reduce max, rescale, all-reduce sum)
+    _logit_grad_kernel: overwrites the logits in place with softmax - onehot(target) (0 in padded
+      columns and ignored rows), rounded once to the input dtype
+    grad_hidden[chunk] = grad_logits @ W;  grad_W += grad_logits^T @ hidden_chunk (addmm, in place)
+  regression, this rank's rows: residual = hidden[rows] @ head^T - targets (matmul in the input
+    dtype, residual fp32); grads residual @ head and residual^T @ hidden[rows] in the input dtype; with
+    tp_group the sum of squares and the head's gradient are all-reduced.
+  The gradients are kept unscaled (softmax - onehot, residual): backward multiplies them in place by
+  grad_ce / num_valid and grad_reg * 2 / (R E), device scalars, so nothing syncs with the host and
+  fp16 gradients do not underflow before the GEMMs (sums over rows must stay below fp16's 65504).
+  Backward therefore runs once per forward.
+Why this and not Cut Cross-Entropy's recompute-in-backward: the three N x V x H products (5.4 TFLOP
+each at N = 16384, V = 32000, H = 5120) are the whole cost; cuBLAS runs them at tensor-core peak, while
+a fused Triton tile kernel has to match it with wgmma and then reduce grad_W over row blocks (locks or a
+second pass) and recompute the logits (a fourth product); CCE measured 2.9x eager on the H100 here,
+Liger's chunked scheme 0.83x. The Triton part is the memory-bound row pass: two reads and one write of
+each chunk (3 GiB of traffic in all at N = 16384, V = 32000 bf16: ~1 ms on an H100).
+Chunk size: rows such that a chunk of logits takes <= 128 MiB (2048 rows at V = 32000 bf16). The
+memory target is Cut Cross-Entropy's peak + 128 MiB, and the returned gradients (hidden, W, head: 522
+MiB at N = 16384) are most of that peak, so the chunk is the budget left; 2048 x 32000 outputs are still
+~15 waves of 128 x 256 tiles on 132 SMs, enough for cuBLAS to run at full rate. grad_W accumulates in
+the weight's dtype (one rounding per chunk: 8 at N = 16384): an fp32 accumulator would be 625 MiB.
+Tile sizes are fixed, not autotuned: the row pass is bandwidth-bound, 4096-column blocks with 8 warps
+stream a row in 8 steps at V = 32000 and every choice near it moves the same bytes.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -55,6 +71,30 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity in forward; the gradient is summed across `group` (a weight replicated on every rank)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def regression_rows(num_rows: int, tp_group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
+    """[begin, end) of the regression rows (positions in reg_index) this rank computes: all without
+    tp_group, else the rank's contiguous share (R // tp or one more)."""
+    if tp_group is None:
+        return 0, num_rows
+    rank, world = dist.get_rank(tp_group), dist.get_world_size(tp_group)
+    return rank * num_rows // world, (rank + 1) * num_rows // world
 
 
 def _vocab_parallel_cross_entropy(logits, targets, valid, group):
@@ -101,203 +141,211 @@ def mixed_ce_regression_loss_reference(
     ce = (per_row * valid).sum() / num_valid.clamp(min=1)
 
     if reg_index.numel() > 0:
-        pred = hidden[reg_index].float() @ reg_head_weight.float().t()
-        reg = F.mse_loss(pred, reg_targets.float())
+        begin, end = regression_rows(reg_index.numel(), tp_group)
+        head = reg_head_weight if tp_group is None else _SumGradOverGroup.apply(reg_head_weight, tp_group)
+        pred = hidden[reg_index[begin:end]].float() @ head.float().t()  # [R_rank, E]
+        squares = (pred - reg_targets[begin:end].float()).square().sum()
+        if tp_group is not None:
+            squares = _AllReduceSum.apply(squares, tp_group)
+        reg = squares / reg_targets.numel()
     else:
         reg = hidden.float().sum() * 0.0  # keeps the graph connected, value exactly 0
     total = ce_loss_weight * ce + reg_loss_weight * reg
     return total, ce, reg
 
 
-# Tile sizes (rows, vocab, hidden). The interpreter runs programs one by one, so small vocab tiles there
-# let small test shapes cover several blocks; GPU values are a starting point, not tuned.
-_BLOCKS_CUDA = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64)
-_BLOCKS_INTERPRETER = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=64)
-
-
+# Vocabulary sizes are constexprs (fixed for a run): a loop bound passed as a runtime int breaks triton
+# 3.6's interpreter (it converts the bound from a 1-element numpy array).
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, row_ids, row_mask, cols, col_mask, H, stride_h, stride_w,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_V] = hidden[row_ids] @ lm_weight[cols]^T, summed over hidden blocks."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k in range(0, H, BLOCK_H):
-        ks = k + tl.arange(0, BLOCK_H)
-        h = tl.load(h_ptr + row_ids[:, None] * stride_h + ks[None, :],
-                    mask=row_mask[:, None] & (ks < H)[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
-                    mask=col_mask[:, None] & (ks < H)[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _rows(rows_ptr, targets_ptr, M, vocab_start, BLOCK_N: tl.constexpr):
-    """This program's row block: (positions in 0..M, mask, hidden row ids int64, target ids local to the shard)."""
-    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs < M
-    row_ids = tl.load(rows_ptr + offs, mask=row_mask, other=0)
-    local_target = tl.load(targets_ptr + row_ids, mask=row_mask, other=0) - vocab_start
-    return offs, row_mask, row_ids, local_target
-
-
-@triton.jit
-def _ce_forward_kernel(h_ptr, w_ptr, targets_ptr, rows_ptr, lse_ptr, target_logit_ptr,
-                       M, H, v_valid, vocab_start, blocks_per_split, stride_h, stride_w,
-                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-    """Program (row block, split): per-row logsumexp and target logit over the split's vocab blocks,
-    stored at [split, row] of lse / target_logit [splits, M] (fp32; -inf and 0 for a split with no
-    valid column)."""
-    offs, row_mask, row_ids, local_target = _rows(rows_ptr, targets_ptr, M, vocab_start, BLOCK_N)
-    split = tl.program_id(1)
-    v_begin = split * blocks_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + blocks_per_split * BLOCK_V, v_valid)
-    row_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    sum_exp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v in range(v_begin, v_end, BLOCK_V):  # every block holds >= 1 valid column: row_max turns finite
-        cols = (v + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_mask = cols < v_valid
-        logits = _logits_tile(h_ptr, w_ptr, row_ids, row_mask, cols, col_mask, H, stride_h, stride_w,
-                              BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-        logits = tl.where(col_mask[None, :], logits, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
-        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+def _row_stats_kernel(logits_ptr, targets_ptr, max_ptr, sum_exp_ptr, target_logit_ptr, stride_logits,
+                      vocab_start, ignore_index, V_VALID: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Program i reads row i of a logits chunk [rows, V_local] (input dtype) and writes, fp32: the max
+    and the sum of exp(logit - max) over the columns below V_VALID (-inf and 0 when V_VALID is 0), and
+    the logit of the row's target when this shard holds it, else 0."""
+    row = tl.program_id(0).to(tl.int64)
+    row_logits = logits_ptr + row * stride_logits
+    row_max = float("-inf")
+    sum_exp = 0.0
+    for v in range(0, V_VALID, BLOCK_V):  # every block holds >= 1 valid column: block_max is finite
+        cols = v + tl.arange(0, BLOCK_V)
+        z = tl.load(row_logits + cols, mask=cols < V_VALID, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(row_max, tl.max(z, axis=0))
+        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
         row_max = new_max
-        is_target = (cols[None, :] == local_target[:, None]) & col_mask[None, :]
-        target_logit += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
-    tl.store(lse_ptr + split * M + offs, row_max + tl.log(sum_exp), mask=row_mask)
-    tl.store(target_logit_ptr + split * M + offs, target_logit, mask=row_mask)
+    target = tl.load(targets_ptr + row)
+    local = target - vocab_start
+    owned = (target != ignore_index) & (local >= 0) & (local < V_VALID)
+    target_logit = tl.load(row_logits + tl.where(owned, local, 0), mask=owned, other=0.0).to(tl.float32)
+    tl.store(max_ptr + row, row_max)
+    tl.store(sum_exp_ptr + row, sum_exp)
+    tl.store(target_logit_ptr + row, target_logit)
 
 
 @triton.jit
-def _ce_backward_kernel(h_ptr, w_ptr, targets_ptr, rows_ptr, lse_ptr, scale_ptr, grad_h_ptr, grad_w_ptr,
-                        M, H, v_valid, vocab_start, stride_h, stride_w, stride_grad_h, stride_grad_w,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
-    """Program (row block, vocab block): atomically adds its share of scale * dCE/dlogits @ W into
-    grad_h [N, H] and of its transpose @ h into grad_w [V_local, H] (both fp32)."""
-    offs, row_mask, row_ids, local_target = _rows(rows_ptr, targets_ptr, M, vocab_start, BLOCK_N)
-    cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    col_mask = cols < v_valid
-    logits = _logits_tile(h_ptr, w_ptr, row_ids, row_mask, cols, col_mask, H, stride_h, stride_w,
-                          BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-    lse = tl.load(lse_ptr + offs, mask=row_mask, other=0.0)
-    dlogits = tl.exp(logits - lse[:, None]) - tl.where(cols[None, :] == local_target[:, None], 1.0, 0.0)
-    dlogits = tl.where(row_mask[:, None] & col_mask[None, :], dlogits, 0.0).to(h_ptr.dtype.element_ty)
-    scale = tl.load(scale_ptr)
-    for k in range(0, H, BLOCK_H):
-        ks = k + tl.arange(0, BLOCK_H)
-        h_mask = row_mask[:, None] & (ks < H)[None, :]
-        w_mask = col_mask[:, None] & (ks < H)[None, :]
-        h = tl.load(h_ptr + row_ids[:, None] * stride_h + ks[None, :], mask=h_mask, other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
-        grad_h = tl.dot(dlogits, w, input_precision=DOT_PRECISION) * scale
-        tl.atomic_add(grad_h_ptr + row_ids[:, None] * stride_grad_h + ks[None, :], grad_h, mask=h_mask)
-        grad_w = tl.dot(tl.trans(dlogits), h, input_precision=DOT_PRECISION) * scale
-        tl.atomic_add(grad_w_ptr + cols[:, None] * stride_grad_w + ks[None, :], grad_w, mask=w_mask)
+def _logit_grad_kernel(logits_ptr, targets_ptr, lse_ptr, stride_logits, vocab_start, ignore_index,
+                       V_LOCAL: tl.constexpr, V_VALID: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Program i overwrites row i of a logits chunk [rows, V_local] with the unscaled gradient of the
+    row's CE, softmax(logits) - onehot(target), computed in fp32 from the row's global logsumexp
+    lse [rows] and rounded to the input dtype; 0 in columns >= V_VALID and in ignored rows."""
+    row = tl.program_id(0).to(tl.int64)
+    row_logits = logits_ptr + row * stride_logits
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    local = target - vocab_start
+    lse = tl.load(lse_ptr + row)
+    for v in range(0, V_LOCAL, BLOCK_V):
+        cols = v + tl.arange(0, BLOCK_V)
+        z = tl.load(row_logits + cols, mask=cols < V_LOCAL, other=0.0).to(tl.float32)
+        grad = tl.exp(z - lse) - tl.where(cols == local, 1.0, 0.0)
+        grad = tl.where((cols < V_VALID) & valid, grad, 0.0)
+        tl.store(row_logits + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V_LOCAL)
 
 
-def _blocks(device: torch.device) -> dict:
-    return _BLOCKS_CUDA if device.type == "cuda" else _BLOCKS_INTERPRETER
+def _launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta): the one place kernels start (tests and the sm_90 compile harness
+    hook it)."""
+    kernel[grid](*args, **meta)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32, like the reference's matmul
+_CHUNK_BYTES_CUDA = 128 * 2 ** 20  # logits per chunk (module docstring)
+_CHUNK_ROWS_INTERPRETER = 32  # small test shapes span several chunks
+_BLOCK_V_INTERPRETER = 128  # ... and several vocab blocks per row
 
 
-def _vocab_splits(row_blocks: int, vocab_blocks: int, device: torch.device) -> int:
-    """How many vocab ranges the forward splits into: enough programs to fill the GPU (4 per SM) when
-    there are few row blocks; under the interpreter 4 ranges at most, so small tests cover the combine."""
-    wanted_programs = 4 * (torch.cuda.get_device_properties(device).multi_processor_count
-                           if device.type == "cuda" else 1)
-    return max(1, min(vocab_blocks, triton.cdiv(wanted_programs, row_blocks)))
+def _chunk_rows(num_rows: int, v_local: int, element_size: int, device: torch.device) -> int:
+    """Rows per chunk: logits within _CHUNK_BYTES_CUDA (a multiple of 128 rows, >= 128) on CUDA."""
+    if device.type != "cuda":
+        return _CHUNK_ROWS_INTERPRETER
+    return max(128, _CHUNK_BYTES_CUDA // (v_local * element_size) // 128 * 128)
 
 
-def _ce_row_stats(hidden, lm_weight, targets, rows, vocab_start, v_valid, tp_group):
-    """Global per-row logsumexp and target logit, each [M] fp32, of the rows `rows` [M] of hidden."""
-    blocks = _blocks(hidden.device)
-    vocab_blocks = triton.cdiv(v_valid, blocks["BLOCK_V"])
-    row_blocks = triton.cdiv(rows.numel(), blocks["BLOCK_N"])
-    blocks_per_split = max(1, triton.cdiv(vocab_blocks, _vocab_splits(row_blocks, vocab_blocks, hidden.device)))
-    splits = max(1, triton.cdiv(vocab_blocks, blocks_per_split))  # 1 (writing -inf, 0) for a padding-only shard
-    stats = torch.empty(2, splits, rows.numel(), device=hidden.device, dtype=torch.float32)
-    _ce_forward_kernel[(row_blocks, splits)](
-        hidden, lm_weight, targets, rows, stats[0], stats[1],
-        rows.numel(), hidden.shape[1], v_valid, vocab_start, blocks_per_split, hidden.stride(0), lm_weight.stride(0),
-        DOT_PRECISION=_dot_precision(hidden.dtype), **blocks,
-    )
-    lse, target_logit = torch.logsumexp(stats[0], dim=0), stats[1].sum(dim=0)
-    if tp_group is not None:  # [tp, 2, M] -> the same combine across ranks
-        gathered = torch.empty(dist.get_world_size(tp_group), 2, rows.numel(), device=hidden.device,
-                               dtype=torch.float32)
-        dist.all_gather(list(gathered.unbind(0)), torch.stack([lse, target_logit]), group=tp_group)
-        lse, target_logit = torch.logsumexp(gathered[:, 0], dim=0), gathered[:, 1].sum(dim=0)
-    return lse, target_logit
+def _row_kernel_meta(v_local: int, device: torch.device) -> dict:
+    """BLOCK_V and num_warps of the two row kernels (fixed choice: module docstring)."""
+    if device.type != "cuda":
+        return dict(BLOCK_V=_BLOCK_V_INTERPRETER)
+    block_v = min(4096, triton.next_power_of_2(v_local))
+    return dict(BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
 
 
-def _ce_grads(hidden, lm_weight, targets, rows, lse, scale, vocab_start, v_valid):
-    """fp32 gradients of scale * sum over `rows` of CE: ([N, H], [V_local, H])."""
-    grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
-    grad_weight = torch.zeros(lm_weight.shape, device=hidden.device, dtype=torch.float32)
-    blocks = _blocks(hidden.device)
-    grid = (triton.cdiv(rows.numel(), blocks["BLOCK_N"]), triton.cdiv(v_valid, blocks["BLOCK_V"]))
-    if grid[0] * grid[1] > 0:
-        _ce_backward_kernel[grid](
-            hidden, lm_weight, targets, rows, lse, scale, grad_hidden, grad_weight,
-            rows.numel(), hidden.shape[1], v_valid, vocab_start, hidden.stride(0), lm_weight.stride(0),
-            grad_hidden.stride(0), grad_weight.stride(0),
-            DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=8, **blocks,
-        )
-    return grad_hidden, grad_weight
+def _combine_over_ranks(stats, group):
+    """stats [3, rows] fp32 (max, sum exp, target logit) of each rank's shard -> the global ones, in
+    place on every rank."""
+    global_max = stats[0].clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    stats[1].mul_(torch.exp(stats[0] - global_max))  # a shard without valid columns: exp(-inf) = 0
+    stats[0].copy_(global_max)
+    dist.all_reduce(stats[1:], group=group)
 
 
-def _regression_residual(hidden, reg_head_weight, reg_index, reg_targets):
-    """(hidden[reg_index] [R, H] fp32, prediction - target [R, E] fp32)."""
-    rows = hidden[reg_index].float()
-    return rows, rows @ reg_head_weight.float().t() - reg_targets.float()
+def _cross_entropy_chunks(hidden, lm_weight, targets, ignore_index, vocab_start, v_valid, tp_group,
+                          grad_hidden, grad_lm_weight):
+    """CE per row [N] fp32 (0 for ignored rows), chunk by chunk. When given, fills grad_hidden [N, H]
+    with d(sum of CE)/d hidden and grad_lm_weight [V_local, H] (zeros on entry) with d(sum of CE)/d W,
+    both in the input dtype, unscaled (not divided by the number of valid rows)."""
+    num_rows, v_local = hidden.shape[0], lm_weight.shape[0]
+    chunk = max(1, min(num_rows, _chunk_rows(num_rows, v_local, hidden.element_size(), hidden.device)))
+    meta = _row_kernel_meta(v_local, hidden.device)
+    logits_buffer = hidden.new_empty(chunk, v_local)
+    ce_rows = hidden.new_empty(num_rows, dtype=torch.float32)
+    for begin in range(0, num_rows, chunk):
+        end = min(begin + chunk, num_rows)
+        rows_hidden, rows_targets = hidden[begin:end], targets[begin:end]
+        logits = torch.mm(rows_hidden, lm_weight.t(), out=logits_buffer[:end - begin])  # [rows, V_local]
+        stats = hidden.new_empty(3, end - begin, dtype=torch.float32)  # max, sum exp, target logit
+        _launch(_row_stats_kernel, (end - begin,), logits, rows_targets, stats[0], stats[1], stats[2],
+                logits.stride(0), vocab_start, ignore_index, V_VALID=v_valid, **meta)
+        if tp_group is not None:
+            _combine_over_ranks(stats, tp_group)
+        lse = stats[0] + stats[1].log()
+        ce_rows[begin:end] = torch.where(rows_targets != ignore_index, lse - stats[2], 0.0)
+        if grad_hidden is None and grad_lm_weight is None:
+            continue
+        _launch(_logit_grad_kernel, (end - begin,), logits, rows_targets, lse, logits.stride(0), vocab_start,
+                ignore_index, V_LOCAL=v_local, V_VALID=v_valid, **meta)
+        if grad_hidden is not None:
+            torch.mm(logits, lm_weight, out=grad_hidden[begin:end])
+        if grad_lm_weight is not None:
+            grad_lm_weight.addmm_(logits.t(), rows_hidden)
+    return ce_rows
+
+
+def _regression(hidden, reg_head_weight, reg_index, reg_targets, tp_group, needs_grad):
+    """This rank's regression rows (`regression_rows`): (sum of squared residuals over all ranks, 0-dim
+    fp32; rows [R_rank] of hidden; unscaled gradients of the sum of squares / 2 w.r.t. hidden[rows]
+    [R_rank, H], reg_head_weight [E, H] (summed over ranks) and reg_targets [R, E] fp32 (zero outside
+    this rank's rows), each None unless `needs_grad` (hidden, head, targets) asks for it). Matmuls in
+    hidden's dtype."""
+    begin, end = regression_rows(reg_index.numel(), tp_group)
+    rows = reg_index[begin:end]
+    rows_hidden = hidden[rows]  # [R_rank, H]
+    head = reg_head_weight.to(hidden.dtype)
+    residual = torch.mm(rows_hidden, head.t()).float().sub_(reg_targets[begin:end].float())  # [R_rank, E]
+    squares = torch.dot(residual.view(-1), residual.view(-1))
+    grad_rows = grad_head = grad_targets = None
+    if needs_grad[2]:
+        grad_targets = residual.new_zeros(reg_targets.shape)
+        grad_targets[begin:end] = -residual
+    residual = residual.to(hidden.dtype)
+    if needs_grad[0]:
+        grad_rows = torch.mm(residual, head)
+    if needs_grad[1]:
+        grad_head = torch.mm(residual.t(), rows_hidden)
+    if tp_group is not None:
+        dist.all_reduce(squares, group=tp_group)
+        if grad_head is not None:
+            dist.all_reduce(grad_head, group=tp_group)
+    return squares, rows, grad_rows, grad_head, grad_targets
 
 
 class MixedLossFunction(torch.autograd.Function):
-    """(ce, reg) fp32 scalars of `mixed_ce_regression_loss`; saves the inputs and O(N) row statistics."""
+    """(ce, reg) fp32 scalars of `mixed_ce_regression_loss`. Gradients are computed in forward and
+    saved (unscaled); backward scales them in place, so it runs once."""
 
     @staticmethod
     def forward(ctx, hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets,
-                ignore_index, valid_vocab_size, tp_group):
+                ignore_index, valid_vocab_size, tp_group, needs_grad):
         v_local = lm_weight.shape[0]
         vocab_start = dist.get_rank(tp_group) * v_local if tp_group is not None else 0
         v_valid = v_local if valid_vocab_size is None else min(max(valid_vocab_size - vocab_start, 0), v_local)
-        rows = (targets != ignore_index).nonzero().squeeze(1)  # [M]
-        if rows.numel() > 0:  # same on every TP rank (targets are replicated), so all or none gather
-            lse, target_logit = _ce_row_stats(hidden, lm_weight, targets, rows, vocab_start, v_valid, tp_group)
-            ce = (lse - target_logit).mean()
-        else:
-            lse, ce = rows.new_empty(0, dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
+        need_hidden, need_lm_weight, need_head, need_reg_targets = needs_grad
+        reg_count = reg_targets.numel()
         reg = hidden.new_zeros((), dtype=torch.float32)
-        if reg_index.numel() > 0:
-            reg = _regression_residual(hidden, reg_head_weight, reg_index, reg_targets)[1].square().mean()
-        ctx.save_for_backward(hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets, rows, lse)
-        ctx.vocab_start, ctx.v_valid = vocab_start, v_valid
+        reg_grads = (None,) * 4
+        if reg_index.numel() > 0:  # the regression first: its temporaries are gone before the CE chunks
+            squares, rows, *grads = _regression(hidden, reg_head_weight, reg_index, reg_targets, tp_group,
+                                                (need_hidden, need_head, need_reg_targets))
+            reg = squares / reg_count
+            reg_grads = (rows, *grads)
+
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_lm_weight = torch.zeros_like(lm_weight) if need_lm_weight else None
+        ce_rows = _cross_entropy_chunks(hidden, lm_weight, targets, ignore_index, vocab_start, v_valid,
+                                        tp_group, grad_hidden, grad_lm_weight)
+        num_valid = (targets != ignore_index).sum().clamp_(min=1)
+        ce = ce_rows.sum() / num_valid
+        ctx.save_for_backward(num_valid, grad_hidden, grad_lm_weight, *reg_grads)
+        ctx.reg_count, ctx.head_dtype, ctx.reg_targets_dtype = reg_count, reg_head_weight.dtype, reg_targets.dtype
+        ctx.head_shape = reg_head_weight.shape if need_head else None
         return ce, reg
 
     @staticmethod
     def backward(ctx, grad_ce, grad_reg):
-        hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets, rows, lse = ctx.saved_tensors
-        scale = (grad_ce.float() / max(rows.numel(), 1)).reshape(1)
-        grad_hidden, grad_lm_weight = _ce_grads(hidden, lm_weight, targets, rows, lse, scale,
-                                                ctx.vocab_start, ctx.v_valid)
-        grad_head = torch.zeros_like(reg_head_weight, dtype=torch.float32)
-        grad_reg_targets = None
-        if reg_index.numel() > 0:
-            reg_rows, residual = _regression_residual(hidden, reg_head_weight, reg_index, reg_targets)
-            grad_pred = residual * (2.0 * grad_reg.float() / residual.numel())  # [R, E]
-            grad_hidden.index_add_(0, reg_index, grad_pred @ reg_head_weight.float())
-            grad_head = grad_pred.t() @ reg_rows
-            if ctx.needs_input_grad[5]:
-                grad_reg_targets = (-grad_pred).to(reg_targets.dtype)
-        return (grad_hidden.to(hidden.dtype), grad_lm_weight.to(lm_weight.dtype), None,
-                grad_head.to(reg_head_weight.dtype), None, grad_reg_targets, None, None, None)
+        num_valid, grad_hidden, grad_lm_weight, rows, grad_rows, grad_head, grad_targets = ctx.saved_tensors
+        ce_scale = grad_ce.float() / num_valid
+        reg_scale = grad_reg.float() * (2.0 / max(ctx.reg_count, 1))
+        if grad_hidden is not None:
+            grad_hidden.mul_(ce_scale)
+            if grad_rows is not None:
+                grad_hidden.index_add_(0, rows, grad_rows.mul_(reg_scale))
+        if grad_lm_weight is not None:
+            grad_lm_weight.mul_(ce_scale)
+        if grad_head is not None:
+            grad_head = grad_head.mul_(reg_scale).to(ctx.head_dtype)
+        elif ctx.head_shape is not None:  # no regression rows: zeros, like the reference's unused head
+            grad_head = grad_ce.new_zeros(ctx.head_shape, dtype=ctx.head_dtype)
+        if grad_targets is not None:
+            grad_targets = grad_targets.mul_(reg_scale).to(ctx.reg_targets_dtype)
+        return grad_hidden, grad_lm_weight, None, grad_head, None, grad_targets, None, None, None, None
 
 
 def mixed_ce_regression_loss(
@@ -314,19 +362,23 @@ def mixed_ce_regression_loss(
     valid_vocab_size: Optional[int] = None,
     tp_group: Optional[dist.ProcessGroup] = None,
 ):
-    """Fused Triton loss, same signature and semantics as `mixed_ce_regression_loss_reference` (module
+    """Fused loss, same signature and semantics as `mixed_ce_regression_loss_reference` (module
     docstring). hidden [N, H] and lm_weight [V_local, H] share one dtype (fp16, bf16 or fp32); the
-    regression inputs may be any float dtype. Gradients come back in each input's dtype. CUDA tensors,
-    or CPU under TRITON_INTERPRET=1. Returns (total, ce, reg) fp32 scalars."""
+    regression inputs may be any float dtype (the head is cast to hidden's for the matmuls). Gradients
+    come back in each input's dtype. CUDA tensors, or CPU under TRITON_INTERPRET=1. No host
+    synchronisation (CUDA-graph capturable without tp_group). Returns (total, ce, reg) fp32 scalars."""
     if hidden.dim() != 2 or lm_weight.dim() != 2 or lm_weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"expected hidden [N, H] and lm_weight [V, H]; got {tuple(hidden.shape)}, "
                          f"{tuple(lm_weight.shape)}")
     if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32) or lm_weight.dtype != hidden.dtype:
         raise ValueError(f"hidden and lm_weight must share one of fp16/bf16/fp32; got {hidden.dtype}, "
                          f"{lm_weight.dtype}")
-    if not hidden.is_cuda and isinstance(_ce_forward_kernel, triton.JITFunction):
+    if not hidden.is_cuda and isinstance(_row_stats_kernel, triton.JITFunction):
         raise RuntimeError("mixed_ce_regression_loss needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                            "imported); use mixed_ce_regression_loss_reference on CPU")
-    ce, reg = MixedLossFunction.apply(hidden.contiguous(), lm_weight.contiguous(), targets, reg_head_weight,
-                                      reg_index, reg_targets, ignore_index, valid_vocab_size, tp_group)
+    needs_grad = tuple(torch.is_grad_enabled() and t.requires_grad
+                       for t in (hidden, lm_weight, reg_head_weight, reg_targets))
+    ce, reg = MixedLossFunction.apply(hidden.contiguous(), lm_weight.contiguous(), targets.contiguous(),
+                                      reg_head_weight, reg_index, reg_targets, ignore_index, valid_vocab_size,
+                                      tp_group, needs_grad)
     return ce_loss_weight * ce + reg_loss_weight * reg, ce, reg

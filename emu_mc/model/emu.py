@@ -32,19 +32,6 @@ from emu_mc.model.vision import VisionTransformer
 from emu_mc.tokenizer import SpecialTokenIds
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `scale` in backward."""
-
-    @staticmethod
-    def forward(ctx, x, scale: float):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
 class EmuModel(MegatronModule):
     def __init__(self, cfg: ModelConfig, ids: SpecialTokenIds, vocab_size: int, *, tp: int = 1, pp: int = 1,
                  pre_process: bool = True, post_process: bool = True, params_dtype=torch.float32,
@@ -132,33 +119,26 @@ class EmuModel(MegatronModule):
     def loss(self, hidden: torch.Tensor, batch: Batch, reg_index, reg_targets) -> Dict[str, torch.Tensor]:
         """hidden [S, B, H] (final-norm) -> {'loss', 'ce', 'reg'} fp32 scalars.
 
-        With TP > 1 the output layer is vocab-sharded: the CE gradient w.r.t. `hidden` is a partial
-        sum per rank and must be all-reduced over TP (megatron's column-parallel input region does
-        that), while the regression term is computed in full on every TP rank. So `hidden` enters
-        through the TP copy region and the regression term is weighted 1/tp for the backward (the
-        all-reduce sums tp equal shares back to one); the regression head weight's gradient is
-        scaled back by tp. Values and gradients equal the TP=1 ones; the reported loss is exact.
+        With TP > 1 the output layer is vocab-sharded and the regression rows are split over the TP
+        ranks: the gradient w.r.t. `hidden` is a partial sum per rank (its vocab shard's CE share, its
+        regression rows), so `hidden` enters through the TP copy region, whose backward all-reduces it
+        over TP; the loss sums the regression head's gradient over the ranks itself. Values and
+        gradients equal the TP=1 ones.
         """
         targets = text_targets(batch.input_ids, batch.segment_ids, self.ids).t().reshape(-1)
-        tp, tp_group = self.tp_size, None
+        tp_group = None
         flat = hidden.reshape(-1, hidden.shape[-1])
-        head_weight = self.regress_head.weight
-        reg_weight = self.cfg.loss.reg_weight
-        if tp > 1:
+        if self.tp_size > 1:
             from megatron.core import parallel_state
             from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
             tp_group = parallel_state.get_tensor_model_parallel_group()
             flat = copy_to_tensor_model_parallel_region(flat)
-            head_weight = _ScaleGrad.apply(head_weight, float(tp))
-            reg_weight = reg_weight / tp
         total, ce, reg = self.loss_fn(
-            flat, output_weight(self.llm), targets, head_weight, reg_index, reg_targets,
-            ce_loss_weight=self.cfg.loss.ce_weight, reg_loss_weight=reg_weight,
+            flat, output_weight(self.llm), targets, self.regress_head.weight, reg_index, reg_targets,
+            ce_loss_weight=self.cfg.loss.ce_weight, reg_loss_weight=self.cfg.loss.reg_weight,
             ignore_index=IGNORE_INDEX, valid_vocab_size=self.vocab_size, tp_group=tp_group,
         )
-        if tp > 1:  # report the true total; the backward keeps the 1/tp regression share
-            total = total + (self.cfg.loss.reg_weight - reg_weight) * reg.detach()
         return {"loss": total, "ce": ce, "reg": reg}
 
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
