@@ -274,8 +274,9 @@ def _check_stage_layers(p: ParallelConfig, num_layers: int) -> None:
         return
     middle_layers = num_layers - (first or 0) - (last or 0)
     middle_stages = p.pipeline_parallel - (first is not None) - (last is not None)
-    ok = middle_layers >= 0 and (middle_layers % middle_stages == 0 and middle_layers > 0 if middle_stages
-                                 else middle_layers == 0)
+    _require(middle_layers >= 0, "parallel.llm_layers_first_stage",
+             f"plus parallel.llm_layers_last_stage ({last}) at most model.llm.num_layers ({num_layers})")
+    ok = middle_layers % middle_stages == 0 and middle_layers > 0 if middle_stages else middle_layers == 0
     _require(ok, "parallel.llm_layers_first_stage",
              f"such that the other {middle_layers} of model.llm.num_layers ({num_layers}) split evenly over the "
              f"{middle_stages} other stage(s) (parallel.llm_layers_last_stage: {last})")
