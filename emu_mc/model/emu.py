@@ -138,13 +138,15 @@ class EmuModel(MegatronModule):
         if not self.split_vision:
             return self._timed_encode(images)
         from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
         from emu_mc.parallel.vision_split import gather_image_shares, image_shares
 
         rank = parallel_state.get_tensor_model_parallel_rank()
         sizes = image_shares(images.shape[0], self.tp_size)
         start = sum(sizes[:rank])
-        local = self._timed_encode(images[start:start + sizes[rank]])
+        with get_cuda_rng_tracker().fork():  # the resampler's dropout: one random stream per TP rank
+            local = self._timed_encode(images[start:start + sizes[rank]])
         return gather_image_shares(local, sizes, rank, parallel_state.get_tensor_model_parallel_group())
 
     def _timed_encode(self, images: torch.Tensor) -> torch.Tensor:
