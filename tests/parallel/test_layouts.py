@@ -97,10 +97,3 @@ def test_uneven_stages_hold_the_configured_layers(runs):
     layers = {name: sorted({(r["pp_rank"], r["llm_layers"]) for r in runs[name][0]["ranks"]})
               for name in ("pp2", "pp2_uneven", "tp2pp2_uneven")}
     assert layers == {"pp2": [(0, 2), (1, 2)], "pp2_uneven": [(0, 1), (1, 3)], "tp2pp2_uneven": [(0, 1), (1, 3)]}
-
-
-def test_image_shares_are_balanced_and_ordered():
-    assert image_shares(0, 2) == [0, 0]
-    assert image_shares(1, 4) == [1, 0, 0, 0]
-    assert image_shares(7, 3) == [3, 2, 2]
-    assert image_shares(8, 8) == [1] * 8
