@@ -62,6 +62,8 @@ def main():
                                                     "the table goes next to it as .txt")
     parser.add_argument("--vision-layouts", default=None,
                         help="comma-separated parallel.vision_layout values to run each variant with (split,replicated)")
+    parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, alternating; "
+                                                                 "medians over the timed steps of all rounds")
     args, overrides = parser.parse_known_args()
 
     import torch
@@ -73,19 +75,22 @@ def main():
         variants = {f"{name.split(' (')[0]}, vision {layout}": extra + ["--parallel.vision_layout", layout]
                     for name, extra in variants.items() for layout in args.vision_layouts.split(",")}
     notes = [f"{device_name()}; {os.path.relpath(args.config, ROOT)}, {args.nproc} process(es), "
-             f"median of steps {args.warmup + 1}..{args.steps}"] + ([f"overrides: {' '.join(overrides)}"] if overrides else [])
+             f"median of steps {args.warmup + 1}..{args.steps}" + (f" of {args.rounds} alternating rounds" if args.rounds > 1 else "")] + ([f"overrides: {' '.join(overrides)}"] if overrides else [])
     if not cuda:
         notes.append("no CUDA: the PyTorch reference path only (Triton kernels run on CPU only under the "
                      "interpreter); MFU n/a (no CPU peak). CPU numbers say nothing about a GPU.")
     print("\n".join(notes))
-    results = {}
-    for name, extra in variants.items():  # saved after each variant: a run cut short keeps what finished
+    results, timed = {}, {name: [] for name in variants}
+    # saved after each variant: a run cut short keeps what finished; rounds alternate the variants, so a
+    # shared machine's load changes weigh on all of them alike
+    for name, extra in [item for _ in range(args.rounds) for item in variants.items()]:
         with tempfile.TemporaryDirectory() as out_dir:
-            results[name] = summarise(run_variant(args.config, args.nproc, args.steps, extra, out_dir), args.warmup)
+            timed[name] += run_variant(args.config, args.nproc, args.steps, extra, out_dir)[args.warmup:]
+        results[name] = summarise(timed[name], 0)
         table = format_table(results)
         print("\n" + table)
         save_results("train", {"config": os.path.relpath(args.config, ROOT), "nproc": args.nproc, "steps": args.steps,
-                               "warmup": args.warmup, "overrides": overrides, "notes": notes, "results": results},
+                               "warmup": args.warmup, "rounds": args.rounds, "overrides": overrides, "notes": notes, "results": results},
                      notes, table, args.out)
 
 
