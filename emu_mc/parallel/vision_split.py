@@ -71,10 +71,15 @@ def _contiguous_runs(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
 
 def sum_grads_over_tp(params: Iterable[torch.nn.Parameter], group) -> None:
     """Sum the gradients (`main_grad` under megatron's DDP, else `.grad`) of `params` over `group`,
-    in place."""
-    grads = [p.main_grad if hasattr(p, "main_grad") else p.grad for p in params if p.requires_grad]
-    grads = [g for g in grads if g is not None]
-    if not grads or dist.get_world_size(group) == 1:
+    in place. Collective over `group`; a rank whose share was empty contributes zeros."""
+    if dist.get_world_size(group) == 1:
         return
+    grads = []
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if not hasattr(p, "main_grad") and p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.main_grad if hasattr(p, "main_grad") else p.grad)
     for view in _contiguous_runs(grads):
         dist.all_reduce(view, group=group)
