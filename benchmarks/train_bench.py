@@ -3,6 +3,13 @@ with the fused kernels on and off, side by side in one run.
 
     python benchmarks/train_bench.py                                  # CPU: tiny config, 1 process
     python benchmarks/train_bench.py --config configs/bench_1b.yaml --steps 30     # one GPU, ~1B params
+    python benchmarks/train_bench.py --nproc 2 --vision-layouts split,replicated \
+        --parallel.tensor_parallel 2 --data.kind synthetic --data.images_per_synthetic_sample 4   # vision split vs not
+
+Further arguments are config overrides passed to every run. Every variant reports the seconds each TP
+rank of the first stage spends in the vision side per step (ViT + ln_visual + resampler, forward and
+backward) and that time's share of the step; `--vision-layouts` repeats each variant per
+`parallel.vision_layout` (split: each TP rank encodes its share of the images; replicated: all of them).
 
 Each variant is a real `emu_mc/pretrain.py` run (torchrun when --nproc > 1) into a fresh out_dir;
 numbers are medians over the steps after --warmup. Prints a table and writes JSON to --out.
@@ -38,8 +45,11 @@ def summarise(rows, warmup):
     timed = rows[warmup:] or rows
     med = lambda key: statistics.median(r[key] for r in timed) if timed[0].get(key) is not None else None
     keys = ("step_time_s", "data_time_s", "tokens_per_s", "images_per_s", "tflops_per_device", "mfu")
+    per_rank = [statistics.median(r["vision_time_s_per_rank"][i] for r in timed)
+                for i in range(len(timed[0].get("vision_time_s_per_rank", [])))]
     return {k: med(k) for k in keys} | {
-        "final_loss": rows[-1]["loss"], "steps_timed": len(timed)}
+        "final_loss": rows[-1]["loss"], "steps_timed": len(timed), "vision_time_s_per_rank": per_rank,
+        "vision_share_per_rank": [t / med("step_time_s") for t in per_rank]}
 
 
 def main():
@@ -53,31 +63,43 @@ def main():
                              "beside the JSON as <name>_profile.txt)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_bench_<device>.json); "
                                                     "the table goes next to it as .txt")
-    args = parser.parse_args()
+    parser.add_argument("--vision-layouts", default=None,
+                        help="comma-separated parallel.vision_layout values to run each variant with (split,replicated)")
+    parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, alternating; "
+                                                                 "medians over the timed steps of all rounds")
+    args, overrides = parser.parse_known_args()
 
     import torch
 
     cuda = torch.cuda.is_available()
     variants = VARIANTS if cuda else {k: v for k, v in VARIANTS.items() if k.startswith("reference")}
+    variants = {name: extra + overrides for name, extra in variants.items()}
+    if args.vision_layouts:
+        variants = {f"{name.split(' (')[0]}, vision {layout}": extra + ["--parallel.vision_layout", layout]
+                    for name, extra in variants.items() for layout in args.vision_layouts.split(",")}
     notes = [f"{device_name()}; {os.path.relpath(args.config, ROOT)}, {args.nproc} process(es), "
-             f"median of steps {args.warmup + 1}..{args.steps}"]
+             f"median of steps {args.warmup + 1}..{args.steps}" + (f" of {args.rounds} alternating rounds" if args.rounds > 1 else "")] + ([f"overrides: {' '.join(overrides)}"] if overrides else [])
     if not cuda:
         notes.append("no CUDA: the PyTorch reference path only (Triton kernels run on CPU only under the "
                      "interpreter); MFU n/a (no CPU peak). CPU numbers say nothing about a GPU.")
     print("\n".join(notes))
-    results = {}
-    for i, (name, extra) in enumerate(variants.items()):  # saved after each variant: a run cut short keeps what finished
+    results, timed = {}, {name: [] for name in variants}
+    # saved after each variant: a run cut short keeps what finished; rounds alternate the variants, so a
+    # shared machine's load changes weigh on all of them alike
+    for i, (name, extra) in enumerate([item for _ in range(args.rounds) for item in variants.items()]):
         profile = args.profile_step > 0 and i == 0
         if profile:
             extra = extra + ["--train.profile_step", str(args.profile_step)]
         with tempfile.TemporaryDirectory() as out_dir:
-            results[name] = summarise(run_variant(args.config, args.nproc, args.steps, extra, out_dir), args.warmup)
+            timed[name] += run_variant(args.config, args.nproc, args.steps, extra, out_dir)[args.warmup:]
             if profile:
                 save_profile(os.path.join(out_dir, f"profile_step{args.profile_step}_rank0.txt"), name, args.out)
+        results[name] = summarise(timed[name], 0)
         table = format_table(results)
         print("\n" + table)
         save_results("train", {"config": os.path.relpath(args.config, ROOT), "nproc": args.nproc, "steps": args.steps,
-                               "warmup": args.warmup, "notes": notes, "results": results}, notes, table, args.out)
+                               "warmup": args.warmup, "rounds": args.rounds, "overrides": overrides, "notes": notes, "results": results},
+                     notes, table, args.out)
 
 
 def save_profile(table_path, variant, out):
@@ -104,9 +126,20 @@ def format_table(results):
         lines.append(f"{name:42s} {r['step_time_s']:8.3f} {r['data_time_s'] / r['step_time_s']:9.1%} "
                      f"{r['tokens_per_s']:10.0f} {r['images_per_s']:8.1f} {r['tflops_per_device']:8.4f} {mfu:>6s} "
                      f"{r['final_loss']:7.4f}")
-    if len(results) == 2:
+    if list(results) == list(VARIANTS):
         fused, ref = results.values()
         lines.append(f"speed-up fused / reference: {ref['step_time_s'] / fused['step_time_s']:.2f}x")
+    lines += ["", "vision side per TP rank of the first stage (ViT + ln_visual + resampler, forward + backward):"]
+    lines += [f"{name:42s} " + "  ".join(f"rank {i}: {t:.3f} s ({share:.0%} of the step)" for i, (t, share) in
+                                         enumerate(zip(r["vision_time_s_per_rank"], r["vision_share_per_rank"])))
+              for name, r in results.items()]
+    for name, split in results.items():  # split vs replicated, per kernel variant
+        replicated = results.get(name.replace("vision split", "vision replicated"))
+        if name.endswith("vision split") and replicated:
+            ratios = [b / a for a, b in zip(split["vision_time_s_per_rank"], replicated["vision_time_s_per_rank"])]
+            lines.append(f"{name[:-len(', vision split')]}: vision time per rank replicated / split: "
+                         + ", ".join(f"{x:.2f}x" for x in ratios)
+                         + f"; step time {replicated['step_time_s'] / split['step_time_s']:.2f}x")
     return "\n".join(lines)
 
 

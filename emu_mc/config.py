@@ -157,6 +157,15 @@ class ParallelConfig:
     # Shard optimizer state and fp32 main weights across data-parallel ranks (megatron-core
     # DistributedOptimizer); off: every DP rank keeps a full copy.
     distributed_optimizer: bool = True
+    # The vision side (ViT, ln_visual, resampler) over TP ranks: split = each rank encodes its share
+    # of the microbatch's images, the visual embeddings are all-gathered and the vision gradients
+    # summed over TP; replicated = every TP rank encodes every image (the old layout, for comparison).
+    vision_layout: Literal["split", "replicated"] = "split"
+    # LLM layers on the first / last pipeline stage (PP > 1 only; null = an even share). The first
+    # stage also runs the vision side, the last the loss: give them fewer layers. The layers left must
+    # divide evenly over the middle stages.
+    llm_layers_first_stage: Optional[int] = None
+    llm_layers_last_stage: Optional[int] = None
 
 
 @dataclass
@@ -200,6 +209,8 @@ class TrainConfig:
     optimizer_checkpoint: Literal["auto", "fully_reshardable", "dp_reshardable"] = "auto"
     max_consecutive_nonfinite: int = 5
     recompute_activations: bool = False
+    # Recompute the vision side in backward: each ViT block and the resampler (activation checkpointing).
+    recompute_vision: bool = False
     profile_step: int = 0  # > 0: profile that step (torch.profiler) into out_dir/profile_step<N>_rank<R>.txt
 
 
@@ -227,6 +238,7 @@ class Config:
                  f">= {r.num_queries + 3} (one image block: [IMG] + num_queries x <image> + [/IMG] + 1)")
         for name in ("tensor_parallel", "pipeline_parallel", "num_microbatches"):
             _require(getattr(self.parallel, name) >= 1, f"parallel.{name}", ">= 1")
+        _check_stage_layers(self.parallel, llm.num_layers)
         _require(0.0 <= r.dropout < 1.0, "model.resampler.dropout", "in [0, 1)")
         _require(0.0 <= self.data.max_failure_fraction <= 1.0, "data.max_failure_fraction", "in [0, 1]")
         d = self.data
@@ -248,6 +260,28 @@ class Config:
                 _require(src.weight >= 0.0, f"data.sources[{i}].weight", ">= 0")
             _require(sum(src.weight for src in d.sources) > 0, "data.sources", "at least one source with weight > 0")
         return self
+
+
+def _check_stage_layers(p: ParallelConfig, num_layers: int) -> None:
+    """The uneven first/last pipeline stages leave a whole number of layers for each middle stage."""
+    if p.pipeline_parallel == 1:
+        return
+    first, last = p.llm_layers_first_stage, p.llm_layers_last_stage
+    for name, value in (("llm_layers_first_stage", first), ("llm_layers_last_stage", last)):
+        _require(value is None or value >= 1, f"parallel.{name}", ">= 1 or null (an even share)")
+    if first is None and last is None:
+        _require(num_layers % p.pipeline_parallel == 0, "model.llm.num_layers",
+                 f"divisible by parallel.pipeline_parallel ({p.pipeline_parallel}), or set "
+                 "parallel.llm_layers_first_stage / llm_layers_last_stage")
+        return
+    middle_layers = num_layers - (first or 0) - (last or 0)
+    middle_stages = p.pipeline_parallel - (first is not None) - (last is not None)
+    _require(middle_layers >= 0, "parallel.llm_layers_first_stage",
+             f"plus parallel.llm_layers_last_stage ({last}) at most model.llm.num_layers ({num_layers})")
+    ok = middle_layers % middle_stages == 0 and middle_layers > 0 if middle_stages else middle_layers == 0
+    _require(ok, "parallel.llm_layers_first_stage",
+             f"such that the other {middle_layers} of model.llm.num_layers ({num_layers}) split evenly over the "
+             f"{middle_stages} other stage(s) (parallel.llm_layers_last_stage: {last})")
 
 
 def _require(ok: bool, name: str, allowed: str) -> None:

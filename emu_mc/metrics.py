@@ -14,7 +14,7 @@ On CPU no peak is known: MFU is reported as None.
 import json
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -54,6 +54,43 @@ def flops_per_image(cfg: ModelConfig) -> float:
     per_visual_token = r.num_layers * 2 * v.width * inner
     res = 6 * (per_query * q + per_visual_token * tokens) + 12 * r.num_layers * inner * (q * q + q * tokens)
     return vit + res + 6 * h * h * (q + 1)
+
+
+class RegionTimer:
+    """Seconds spent in one region of the model, forward and backward, summed until read.
+
+    `start()` / `stop()` bracket a span; they are called from forward code and from autograd hooks.
+    On CUDA each is an event recorded on the current stream (nothing synchronises: read `seconds()`
+    after the step's `torch.cuda.synchronize()`); on CPU a perf_counter reading. A `stop()` without an
+    open span is ignored.
+    """
+
+    def __init__(self):
+        self._spans: List = []
+        self._open = None
+
+    @staticmethod
+    def _mark():
+        if torch.cuda.is_available():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._open = self._mark()
+
+    def stop(self) -> None:
+        if self._open is not None:
+            self._spans.append((self._open, self._mark()))
+            self._open = None
+
+    def seconds(self) -> float:
+        """Total seconds of the spans closed since the previous call."""
+        total = sum(begin.elapsed_time(end) / 1e3 if hasattr(begin, "elapsed_time") else end - begin
+                    for begin, end in self._spans)
+        self._spans.clear()
+        return total
 
 
 class RunLogger:

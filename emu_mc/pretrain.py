@@ -127,7 +127,7 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     from emu_mc.checkpoint import (Checkpointer, capture_rng_state, load_training_state, optimizer_checkpoint_format,
                                    restore_rng_state, training_state)
     from emu_mc.metrics import RunLogger, device_peak_flops, flops_per_image, flops_per_token
-    from emu_mc.parallel.setup import device, train_step
+    from emu_mc.parallel.setup import device, train_step, vision_seconds_per_tp_rank
     from emu_mc.schedule import lr_at
 
     rank, dev = dist.get_rank(), device()
@@ -198,13 +198,15 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
                 [n / (dims.tp * dims.pp) for n in (sum(b.num_tokens for b in microbatches),
                                                    sum(b.images.shape[0] for b in microbatches),
                                                    loader.samples_skipped)], dev)
-            flops = tokens * flop_token + images * flop_image
+            flops = tokens * flop_token + images * flop_image  # each image once, whichever TP rank encoded it
+            vision_s = vision_seconds_per_tp_rank(model_chunks)  # rank 0's TP group: first stage, DP rank 0
             metrics = {
                 "loss": out["loss"], "ce": out["ce"], "reg": out["reg"], "grad_norm": out["grad_norm"], "lr": lr,
                 "step_time_s": dt, "data_time_s": t_data, "tokens_per_s": tokens / dt, "images_per_s": images / dt,
                 "tflops_per_device": flops / dt / dims.world / 1e12,
                 "mfu": flops / dt / (peak * dims.world) if peak else None, "skipped_steps": counters["skipped_steps"],
                 "data_skipped_samples": round(skipped),
+                "vision_time_s": max(vision_s), "vision_time_s_per_rank": vision_s,
             }
             run_log.log(step + 1, metrics)
             if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step == start_step):

@@ -7,17 +7,23 @@ the next position of flat row i is i + B.
 
 One class serves every parallel layout (emu_mc/parallel/ applies the layouts):
 - tensor parallel: the LLM is megatron-sharded; vision, ln_visual, resampler and regress_head are
-  replicated on every TP rank (identical inputs give identical gradients, see `loss`).
+  replicated on every TP rank. With `split_vision` each TP rank encodes only its share of the
+  microbatch's images and the visual embeddings are all-gathered (emu_mc/parallel/vision_split.py;
+  the training setup then sums the vision gradients over TP); otherwise every TP rank encodes every
+  image. The regression head sees identical inputs on every TP rank (see `loss`).
 - pipeline parallel: a stage holds vision + ln_visual + resampler + embedding when `pre_process`
   (first stage), its share of the LLM layers, and regress_head + loss when `post_process` (last).
   `forward` returns the hidden states on every stage but the last. The regression targets are
   input embeddings, known only on the first stage: `reg_target_channel` (set by
   emu_mc.parallel.pipeline) carries them to the last stage.
 """
+import dataclasses
 from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
+from torch.autograd.graph import register_multi_grad_hook
+from torch.utils.checkpoint import checkpoint
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
@@ -35,17 +41,28 @@ from emu_mc.tokenizer import SpecialTokenIds
 class EmuModel(MegatronModule):
     def __init__(self, cfg: ModelConfig, ids: SpecialTokenIds, vocab_size: int, *, tp: int = 1, pp: int = 1,
                  pre_process: bool = True, post_process: bool = True, params_dtype=torch.float32,
-                 recompute: bool = False):
+                 recompute: bool = False, recompute_vision: bool = False, split_vision: bool = True,
+                 stage_layers: tuple = (None, None)):
+        """`recompute`: the LLM's layers are recomputed in backward; `recompute_vision`: each ViT block
+        and the resampler. `split_vision` (TP > 1): each TP rank encodes its share of the images.
+        `stage_layers`: (first, last) pipeline stage LLM layer counts (PP > 1; None = an even share)."""
         config = transformer_config(cfg.llm, init_std=cfg.init_std, params_dtype=params_dtype,
                                     recompute=recompute, tp=tp, pp=pp)
+        if pp > 1 and stage_layers != (None, None):
+            config = dataclasses.replace(config, num_layers_in_first_pipeline_stage=stage_layers[0],
+                                         num_layers_in_last_pipeline_stage=stage_layers[1])
         super().__init__(config=config)  # megatron's DDP, schedules and checkpointing read .config
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.cfg, self.ids, self.vocab_size = cfg, ids, vocab_size
         self.pre_process, self.post_process = pre_process, post_process
         self.reg_target_channel = None  # set by emu_mc.parallel.pipeline when PP > 1
+        self.split_vision = split_vision and tp > 1
+        self.recompute_vision = recompute_vision
+        self.vision_timer = None  # a RegionTimer (emu_mc.metrics) set by the training setup
+        self._vision_backward_hook = None
         hidden = cfg.llm.hidden_size
         if pre_process:
-            self.vision = VisionTransformer(cfg.vision, cfg.init_std)
+            self.vision = VisionTransformer(cfg.vision, cfg.init_std, recompute=recompute_vision)
             self.ln_visual = nn.LayerNorm(cfg.vision.width, eps=cfg.vision.norm_eps)
             self.resampler = CausalResampler(cfg.resampler, cfg.vision.width, hidden, cfg.init_std)
         self.llm = build_llm(
@@ -89,9 +106,53 @@ class EmuModel(MegatronModule):
     def tp_size(self) -> int:
         return self.config.tensor_model_parallel_size
 
+    def vision_parameters(self):
+        """The parameters of the vision side (ViT, ln_visual, resampler); none off the first stage."""
+        if not self.pre_process:
+            return []
+        return [*self.vision.parameters(), *self.ln_visual.parameters(), *self.resampler.parameters()]
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images [N, 3, s, s] -> visual embeddings [N, Q, H] in causal order."""
-        return self.resampler(self.ln_visual(self.vision(images)))
+        """images [N, 3, s, s] -> visual embeddings [N, Q, H] in causal order (all N on this process)."""
+        visual = self.ln_visual(self.vision(images))
+        if self.recompute_vision and torch.is_grad_enabled():
+            return checkpoint(self.resampler, visual, use_reentrant=False)
+        return self.resampler(visual)
+
+    def visual_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, 3, s, s] -> [N, Q, H] on every TP rank. With `split_vision` this rank encodes
+        only its share (emu_mc.parallel.vision_split.image_shares) and the shares are all-gathered."""
+        if not self.split_vision:
+            return self._timed_encode(images)
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        from emu_mc.parallel.vision_split import gather_image_shares, image_shares
+
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        sizes = image_shares(images.shape[0], self.tp_size)
+        start = sum(sizes[:rank])
+        with get_cuda_rng_tracker().fork():  # the resampler's dropout: one random stream per TP rank
+            local = self._timed_encode(images[start:start + sizes[rank]])
+        return gather_image_shares(local, sizes, rank, parallel_state.get_tensor_model_parallel_group())
+
+    def _timed_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """encode_images, timed forward and backward by `vision_timer` when set; an empty share
+        ([0, 3, s, s]) gives [0, Q, H] without running the encoder."""
+        if images.shape[0] == 0:
+            return images.new_zeros(0, self.cfg.resampler.num_queries, self.cfg.llm.hidden_size)
+        timer = self.vision_timer
+        if timer is None:
+            return self.encode_images(images)
+        timer.start()
+        visual = self.encode_images(images)
+        timer.stop()
+        if visual.requires_grad:  # backward: from the embeddings' gradient to the last vision weight's
+            visual.register_hook(lambda grad: timer.start())
+            trainable = [p for p in self.vision_parameters() if p.requires_grad]
+            if self._vision_backward_hook is None and trainable:
+                self._vision_backward_hook = register_multi_grad_hook(trainable, lambda grads: timer.stop())
+        return visual
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Token embeddings with each image's Q <image> slots overwritten by its visual embeddings:
@@ -100,7 +161,7 @@ class EmuModel(MegatronModule):
         tokens = self.llm.embedding(input_ids=batch.input_ids, position_ids=batch.position_ids)  # [S, B, H]
         if batch.images.shape[0] == 0:
             return tokens
-        visual = self.encode_images(batch.images.to(tokens.dtype))
+        visual = self.visual_embeddings(batch.images.to(tokens.dtype))
         slots = (batch.input_ids == self.ids.img_slot)[..., None]  # [B, S, 1]; images in b-major order
         return tokens.transpose(0, 1).masked_scatter(slots, visual.to(tokens.dtype)).transpose(0, 1).contiguous()
 

@@ -2,6 +2,7 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from emu_mc.config import VisionConfig
 
@@ -46,11 +47,14 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """images [N, 3, S, S] float -> tokens [N, 1 + (S/patch)^2, width] (CLS first)."""
+    """images [N, 3, S, S] float -> tokens [N, 1 + (S/patch)^2, width] (CLS first).
 
-    def __init__(self, cfg: VisionConfig, init_std: float = 0.02):
+    `recompute`: each block's activations are recomputed in backward (activation checkpointing) when
+    gradients are enabled; same values and gradients, one block's activations held at a time."""
+
+    def __init__(self, cfg: VisionConfig, init_std: float = 0.02, recompute: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.recompute = cfg, recompute
         num_patches = (cfg.image_size // cfg.patch_size) ** 2
         self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
@@ -67,6 +71,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [N, patches, width]
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = x + self.pos_embed.to(x.dtype)
+        recompute = self.recompute and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return x

@@ -1,10 +1,14 @@
 """Model, optimizer and one training step under megatron-core TP x PP x DP.
 
 Layout (see EmuModel's docstring for what each pipeline stage holds):
-- the LLM is megatron-sharded over TP and split in layers over PP; vision encoder, ln_visual,
+- the LLM is megatron-sharded over TP and split in layers over PP (`parallel.llm_layers_first_stage`
+  / `llm_layers_last_stage` make the first and last stages uneven); vision encoder, ln_visual,
   resampler and regression head are replicated over TP (they are small next to the LLM). Their
-  replicas start identical (`_sync_replicas`) and stay identical: every TP rank of a stage sees the
-  same inputs and the same all-reduced gradients, and runs the same optimizer update;
+  replicas start identical (`_sync_replicas`) and stay identical: they end every step with the same
+  gradients and run the same optimizer update. With `parallel.vision_layout: split` each TP rank
+  encodes only its share of the images (emu_mc/parallel/vision_split.py), so its vision gradients
+  cover its images only and `finalize_grads` sums them over TP; the regression head sees the same
+  inputs on every TP rank;
 - megatron-core DDP reduces gradients over DP in fp32 grad buffers; its DistributedOptimizer shards
   the Adam state and fp32 main weights over DP (`parallel.distributed_optimizer`);
 - megatron-core's pipeline schedules (`get_forward_backward_func`: no pipelining for PP = 1, 1F1B
@@ -21,8 +25,10 @@ import torch.distributed as dist
 
 from emu_mc.batch import Batch
 from emu_mc.config import Config
+from emu_mc.metrics import RegionTimer
 from emu_mc.model.emu import EmuModel
 from emu_mc.parallel.pipeline import RegressionTargetChannel
+from emu_mc.parallel.vision_split import sum_grads_over_tp
 from emu_mc.tokenizer import SpecialTokenIds
 
 log = logging.getLogger("emu_mc.parallel")
@@ -81,8 +87,11 @@ def build_model(cfg: Config, ids: SpecialTokenIds, vocab_size: int) -> EmuModel:
         tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         params_dtype=params_dtype, recompute=cfg.train.recompute_activations,
+        recompute_vision=cfg.train.recompute_vision, split_vision=cfg.parallel.vision_layout == "split",
+        stage_layers=(cfg.parallel.llm_layers_first_stage, cfg.parallel.llm_layers_last_stage),
     ).to(device())
     model.reg_target_channel = RegressionTargetChannel.create()
+    model.vision_timer = RegionTimer() if model.pre_process else None
     _sync_replicas(model)
     _load_pretrained(model, cfg)
     return model
@@ -117,7 +126,7 @@ def _param_group_overrides(cfg: Config) -> Dict:
 def build_model_and_optimizer(cfg: Config, ids: SpecialTokenIds, vocab_size: int):
     """-> (model_chunks [DDP(EmuModel)], megatron optimizer). Sets the TransformerConfig hooks the
     pipeline schedules call (no_sync, finalize_model_grads, grad_scale_func)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     model = build_model(cfg, ids, vocab_size)
@@ -137,13 +146,39 @@ def build_model_and_optimizer(cfg: Config, ids: SpecialTokenIds, vocab_size: int
         config_overrides=_param_group_overrides(cfg),
     )
     model.config.no_sync_func = chunk.no_sync
-    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.finalize_model_grads_func = finalize_grads
     model.config.grad_scale_func = optimizer.scale_loss
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("stage params: %.2fM trainable of %.2fM; optimizer %s (%s)", trainable / 1e6,
              sum(p.numel() for p in model.parameters()) / 1e6, type(optimizer).__name__,
              "sharded over DP" if cfg.parallel.distributed_optimizer else "replicated")
     return [chunk], optimizer
+
+
+def finalize_grads(model_chunks, *args, **kwargs) -> None:
+    """megatron's finalize_model_grads (DP reduction, tied embeddings), then, where the vision side is
+    split over TP, the sum of its gradients over the TP group (each rank's cover its own images)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(model_chunks, *args, **kwargs)
+    for chunk in model_chunks:
+        model = unwrap(chunk)
+        if model.split_vision:
+            sum_grads_over_tp(model.vision_parameters(), ps.get_tensor_model_parallel_group())
+
+
+def vision_seconds_per_tp_rank(model_chunks) -> List[float]:
+    """Seconds each TP rank of this rank's pipeline stage spent in the vision side (forward and
+    backward) since the previous call, in TP rank order; 0 off the first stage. Collective over TP;
+    on CUDA call it after synchronising."""
+    from megatron.core import parallel_state as ps
+
+    mine = sum(unwrap(c).vision_timer.seconds() for c in model_chunks if unwrap(c).vision_timer is not None)
+    gathered = torch.zeros(ps.get_tensor_model_parallel_world_size(), dtype=torch.float64, device=device())
+    dist.all_gather_into_tensor(gathered, torch.tensor([mine], dtype=torch.float64, device=device()),
+                                group=ps.get_tensor_model_parallel_group())
+    return gathered.tolist()
 
 
 def set_learning_rate(optimizer, lr: float) -> None:

@@ -20,11 +20,31 @@ def test_tiny_loads_and_overrides(tiny_cfg):
     (["--parallel.tensor_parallel", "0"], "parallel.tensor_parallel: must be >= 1"),
     (["--data.seq_length", "4096"], "data.seq_length: must be <= model.llm.max_position_embeddings"),
     (["--model.llm.num_query_groups", "3"], "model.llm.num_query_groups: must be a divisor"),
+    (["--parallel.vision_layout", "sharded"], "parallel.vision_layout: 'sharded' is not one of ['split', 'replicated']"),
+    (["--parallel.pipeline_parallel", "3"], "model.llm.num_layers: must be divisible by parallel.pipeline_parallel (3)"),
+    (["--parallel.pipeline_parallel", "2", "--parallel.llm_layers_first_stage", "0"],
+     "parallel.llm_layers_first_stage: must be >= 1"),
+    (["--parallel.pipeline_parallel", "2", "--parallel.llm_layers_first_stage", "1", "--parallel.llm_layers_last_stage",
+      "2"], "parallel.llm_layers_first_stage: must be plus parallel.llm_layers_last_stage (2) at most"),
+    (["--parallel.pipeline_parallel", "2", "--parallel.llm_layers_first_stage", "1", "--parallel.llm_layers_last_stage",
+      "2", "--model.llm.num_layers", "4"], "the other 1 of model.llm.num_layers (4) split evenly over the 0 other"),
+    (["--parallel.pipeline_parallel", "4", "--model.llm.num_layers", "8", "--parallel.llm_layers_first_stage", "1"],
+     "the other 7 of model.llm.num_layers (8) split evenly over the 3 other stage(s)"),
 ])
 def test_bad_values_name_the_field(override, needle):
     with pytest.raises(ConfigError) as err:
         load_config("configs/tiny.yaml", override)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["--parallel.llm_layers_first_stage", "5"],  # PP = 1: the stage sizes are not used
+    ["--parallel.pipeline_parallel", "2", "--parallel.llm_layers_first_stage", "1"],  # the last stage takes 1
+    ["--parallel.pipeline_parallel", "4", "--model.llm.num_layers", "8", "--parallel.llm_layers_first_stage", "2",
+     "--parallel.llm_layers_last_stage", "2"],
+])
+def test_uneven_pipeline_stages_that_add_up_load(overrides):
+    load_config("configs/tiny.yaml", overrides)
 
 
 def test_emu_14b_matches_spec():

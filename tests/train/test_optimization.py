@@ -85,15 +85,28 @@ def grads(chunk):
     return {name: p.main_grad.detach().clone() for name, p in unwrap(chunk).named_parameters()}
 
 
+@pytest.mark.parametrize("switch", ["recompute_activations", "recompute_vision"])
 def test_activation_recomputation_gives_the_same_loss_and_grads(single_process_world, tiny_cfg, special_ids,
-                                                                 tokenizer):
+                                                                 tokenizer, switch):
+    tiny_cfg.model.resampler.dropout = 0.1  # recomputation must replay the same dropout masks
     data = batches(tiny_cfg, special_ids, tokenizer, 1)
     plain, _ = build(tiny_cfg, special_ids, tokenizer)
-    tiny_cfg.train.recompute_activations = True
+    setattr(tiny_cfg.train, switch, True)
     recomputed, _ = build(tiny_cfg, special_ids, tokenizer)
-    assert unwrap(recomputed[0]).llm.config.recompute_granularity == "full"
+    model = unwrap(recomputed[0])
+    if switch == "recompute_activations":
+        assert model.llm.config.recompute_granularity == "full"
+    else:
+        assert model.vision.recompute and model.recompute_vision
+        block_calls = []
+        for module in (model.vision.blocks[0], model.resampler):
+            module.register_forward_pre_hook(lambda module, args: block_calls.append(module))
+    torch.manual_seed(5)
     loss_plain = forward_backward(plain, data)
+    torch.manual_seed(5)
     loss_recomputed = forward_backward(recomputed, data)
+    if switch == "recompute_vision":  # run in forward, then again in backward
+        assert len(block_calls) == 4, block_calls
     torch.testing.assert_close(loss_recomputed, loss_plain, rtol=1e-6, atol=0)
     expected = grads(plain[0])
     for name, grad in grads(recomputed[0]).items():

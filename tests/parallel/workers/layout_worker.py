@@ -1,10 +1,18 @@
-"""One training step of the tiny Emu model in a given TP x PP x DP layout (run under torchrun).
+"""One training step of the tiny Emu model in several TP x PP x DP layouts, one after another in one
+launch (run under torchrun; process start-up dominates these tests, so a launch runs every layout of
+its world size).
 
---init DIR --save-init  build the model (seeded) and save its weights as a megatron dist checkpoint
---init DIR --out DIR    load those weights, run forward+backward on this rank's share of a fixed global
-                        batch, save the DP-reduced gradients (as a dist checkpoint of the model: the
-                        gradients written into the parameters), then one optimizer step, and record
-                        whether DP and TP replicas hold identical parameters.
+--init DIR --save-init [--set JSON]  build the model (seeded) and save its weights as a dist checkpoint
+--init DIR --out ROOT --runs JSON     for each run {"name", "tp", "pp", "set": [config overrides]}: set up
+                                      that layout, load the weights, run forward+backward on this rank's
+                                      share of a fixed global batch, save the DP-reduced gradients (as a
+                                      dist checkpoint of the model: the gradients written into the
+                                      parameters) under ROOT/name/grads, then one optimizer step; write
+                                      ROOT/name/result.json: the loss terms, whether DP and TP replicas hold
+                                      identical parameters, and per rank its coordinates, the images its
+                                      vision encoder ran on and its number of LLM layers.
+--set JSON                            config overrides (a list of argv words) applied to every run, before
+                                      each run's own.
 Dist checkpoints reshard, so the test reads every layout's gradients back at TP = PP = 1.
 """
 import argparse
@@ -14,25 +22,29 @@ import os
 import torch
 import torch.distributed as dist
 
-from emu_mc.batch import synthetic_batch
+from emu_mc.batch import Batch, synthetic_batch
 from emu_mc.config import load_config
 from emu_mc.parallel.groups import init_distributed
 from emu_mc.parallel.setup import build_model_and_optimizer, forward_backward, unwrap
 from emu_mc.tokenizer import load_tokenizer, special_token_ids
 
-GLOBAL_MICROBATCHES = 2
+# Images per row of each global microbatch (2 rows each): 3 images (shares 2 + 1 at TP = 2), fewer
+# images than TP ranks, none at all, then an even 4.
+IMAGES_PER_ROW = [(2, 1), (1, 0), (0, 0), (2, 2)]
 
 
 def global_batch(cfg, ids, vocab_size):
-    """GLOBAL_MICROBATCHES fixed microbatches, the same in every layout."""
+    """The fixed microbatches, the same in every layout."""
     g = torch.Generator().manual_seed(7)
     batches = []
-    for _ in range(GLOBAL_MICROBATCHES):
-        b = synthetic_batch(ids, batch_size=cfg.data.micro_batch_size, seq_length=cfg.data.seq_length,
-                            vocab_size=vocab_size, num_queries=cfg.model.resampler.num_queries,
-                            image_size=cfg.model.vision.image_size, images_per_row=2, generator=g)
-        b.images = torch.randn(b.images.shape, generator=g)
-        batches.append(b)
+    for counts in IMAGES_PER_ROW:
+        rows = [synthetic_batch(ids, batch_size=1, seq_length=cfg.data.seq_length, vocab_size=vocab_size,
+                                num_queries=cfg.model.resampler.num_queries, image_size=cfg.model.vision.image_size,
+                                images_per_row=n, generator=g) for n in counts]
+        batch = Batch(**{k: torch.cat([getattr(r, k) for r in rows]) for k in
+                         ("input_ids", "position_ids", "segment_ids", "images")})
+        batch.images = torch.randn(batch.images.shape, generator=g)
+        batches.append(batch)
     return batches
 
 
@@ -68,56 +80,77 @@ def replicas_identical(model, group) -> bool:
     return all(torch.equal(gathered[0], t) for t in gathered)
 
 
-def main():
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--init", required=True)
-    parser.add_argument("--out")
-    parser.add_argument("--save-init", action="store_true")
-    args = parser.parse_args()
-
-    dims = init_distributed(args.tp, args.pp, seed=1234)
-    cfg = load_config("configs/tiny.yaml", ["--parallel.tensor_parallel", str(args.tp),
-                                            "--parallel.pipeline_parallel", str(args.pp)])
+def build(args, tp, pp, overrides):
+    cfg = load_config("configs/tiny.yaml", [*args.set, *overrides, "--parallel.tensor_parallel", str(tp),
+                                            "--parallel.pipeline_parallel", str(pp)])
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     ids = special_token_ids(tokenizer)
     chunks, optimizer = build_model_and_optimizer(cfg, ids, len(tokenizer))
-    model = unwrap(chunks[0])
-    if args.save_init:
-        save_model(model, args.init)
-        return
+    return cfg, ids, len(tokenizer), chunks, optimizer
 
+
+def run_layout(args, run):
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    dims = init_distributed(run["tp"], run["pp"], seed=1234)
+    cfg, ids, vocab_size, chunks, optimizer = build(args, run["tp"], run["pp"], run.get("set", []))
+    model = unwrap(chunks[0])
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), args.init))
     optimizer.reload_model_params()
-    per_rank = GLOBAL_MICROBATCHES // dims.dp
+    encoded = []
+    if model.pre_process:
+        model.vision.register_forward_pre_hook(lambda module, inputs: encoded.append(inputs[0].shape[0]))
+    microbatches = global_batch(cfg, ids, vocab_size)
+    per_rank = len(microbatches) // dims.dp
     dp_rank = ps.get_data_parallel_rank()
-    mine = global_batch(cfg, ids, len(tokenizer))[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    loss, ce, reg = forward_backward(chunks, mine).tolist()
+    loss, ce, reg = forward_backward(chunks, microbatches[dp_rank * per_rank:(dp_rank + 1) * per_rank]).tolist()
     complete_reduce_scattered_grads(chunks[0])
 
+    out = os.path.join(args.out, run["name"])
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.main_grad)
-    save_model(model, os.path.join(args.out, "grads"))
+    save_model(model, os.path.join(out, "grads"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(weights[name])
 
     optimizer.step()
     replicated = [p for p in model.parameters() if not getattr(p, "tensor_model_parallel", False)]
+    me = {"tp_rank": ps.get_tensor_model_parallel_rank(), "pp_rank": ps.get_pipeline_model_parallel_rank(),
+          "dp_rank": dp_rank, "images_encoded": sum(encoded), "llm_layers": len(model.llm.decoder.layers)}
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, me)
     result = {
-        "loss": loss, "ce": ce, "reg": reg,
+        "loss": loss, "ce": ce, "reg": reg, "ranks": ranks,
         "dp_replicas_identical": replicas_identical(list(model.parameters()), ps.get_data_parallel_group()),
         "tp_replicas_identical": replicas_identical(replicated, ps.get_tensor_model_parallel_group()),
     }
     if dist.get_rank() == 0:
-        with open(os.path.join(args.out, "result.json"), "w") as f:
+        with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)
+    ps.destroy_model_parallel()
+
+
+def main():
+    from megatron.core import parallel_state as ps
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--init", required=True)
+    parser.add_argument("--out")
+    parser.add_argument("--save-init", action="store_true")
+    parser.add_argument("--runs", type=json.loads, default=[])
+    parser.add_argument("--set", type=json.loads, default=[])
+    args = parser.parse_args()
+
+    if args.save_init:
+        init_distributed(1, 1, seed=1234)
+        save_model(unwrap(build(args, 1, 1, [])[3][0]), args.init)
+        ps.destroy_model_parallel()
+    for run in args.runs:
+        run_layout(args, run)
 
 
 if __name__ == "__main__":
