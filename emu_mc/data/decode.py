@@ -186,7 +186,7 @@ class DaliDecoder:
         if device not in ("cpu", "gpu"):
             raise ValueError(f"DaliDecoder device must be cpu or gpu, not {device!r}")
         if not dali_available():
-            raise RuntimeError("data.decoder: DALI is not importable (pip install nvidia-dali-cuda120)")
+            raise RuntimeError("data.decoder: DALI is not importable; install the extra: pip install -e '.[dali]'")
         self.size = image_size
         self.device = device
         self.name = f"dali_{device}"
