@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench_common import ROOT, device_name, save_results
+from bench_common import ROOT, add_output_args, device_name, save_results
 
 
 VARIANTS = {
@@ -48,8 +48,7 @@ def main():
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_bench_<device>.json); "
-                                                    "the table goes next to it as .txt")
+    add_output_args(parser, "train")
     args = parser.parse_args()
 
     import torch
