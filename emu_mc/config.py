@@ -168,6 +168,9 @@ class OptimConfig:
     beta2: float = 0.98
     eps: float = 1e-8
     warmup_steps: int = 100
+    # The step at which the cosine reaches min_lr (constant after it); None = train.steps. Set it when
+    # raising train.steps to continue a run, or the cosine is re-stretched (a warning on resume says so).
+    decay_steps: Optional[int] = None
     grad_clip: float = 1.0
     # Per-component multipliers of lr and weight_decay: vision encoder (+ ln_visual), resampler,
     # LLM, heads (regression head; the LM output layer belongs to the LLM). Norm weights and biases
@@ -230,6 +233,8 @@ class Config:
         _require(0.0 <= self.data.max_failure_fraction <= 1.0, "data.max_failure_fraction", "in [0, 1]")
         d = self.data
         _require(self.train.steps >= 1, "train.steps", ">= 1")
+        _require(self.optim.decay_steps is None or self.optim.decay_steps >= 1, "optim.decay_steps",
+                 ">= 1, or null for train.steps")
         _require(self.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1")
         _require(self.train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0 = only at the end and on SIGTERM)")
         _require(self.train.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", ">= 1")

@@ -127,7 +127,7 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
                                    restore_rng_state, training_state)
     from emu_mc.metrics import RunLogger, device_peak_flops, flops_per_image, flops_per_token
     from emu_mc.parallel.setup import device, train_step
-    from emu_mc.schedule import lr_at
+    from emu_mc.schedule import decay_horizon, lr_at, schedule_change
 
     rank, dev = dist.get_rank(), device()
     checkpointer = Checkpointer(cfg.train.out_dir, cfg.train.keep_checkpoints)
@@ -162,6 +162,8 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
                         "reseeded, so this is a continuation, not an exact resume", *saved_layout, *layout)
         start_step = meta["step"]
         log.info("resumed from %s at step %d (written by TP %d x PP %d x DP %d)", latest, start_step, *saved_layout)
+        if start_step < cfg.train.steps and (change := schedule_change(meta["config"], cfg, start_step)):
+            log.warning(change)
     if start_step >= cfg.train.steps:
         log.info("nothing to do: the latest checkpoint is at step %d and train.steps is %d (raise train.steps to "
                  "continue, or set another train.out_dir to start afresh)", start_step, cfg.train.steps)
@@ -181,7 +183,7 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     metrics = {}
     try:
         for step in range(start_step, cfg.train.steps):
-            lr = lr_at(step, cfg.optim, cfg.train.steps)
+            lr = lr_at(step, cfg.optim, decay_horizon(cfg.optim, cfg.train.steps))
             t0 = time.perf_counter()
             microbatches = [next(loader) for _ in range(cfg.parallel.num_microbatches)]
             t_data = time.perf_counter() - t0
