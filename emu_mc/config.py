@@ -96,6 +96,9 @@ class ModelConfig:
     # A local HF tokenizer directory; "tiny" means the small tokenizer shipped in emu_mc/assets.
     tokenizer: str = "tiny"
     init_std: float = 0.02
+    # A whole model from `python -m emu_mc.convert export --to emu` (every component's weights; its
+    # architecture fields must match these); "" = random init, or the per-component init_from below.
+    init_from: str = ""
 
 
 # --------------------------------------------------------------------------- data
@@ -223,6 +226,8 @@ class Config:
         if llm.num_query_groups is not None:
             _require(llm.num_attention_heads % llm.num_query_groups == 0, "model.llm.num_query_groups",
                      "a divisor of model.llm.num_attention_heads")
+        _require(not (self.model.init_from and (llm.init_from or v.init_from)), "model.init_from",
+                 "empty when model.llm.init_from or model.vision.init_from is set (one source of weights)")
         _require(self.data.seq_length <= llm.max_position_embeddings, "data.seq_length",
                  f"<= model.llm.max_position_embeddings ({llm.max_position_embeddings})")
         _require(self.data.seq_length >= r.num_queries + 3, "data.seq_length",

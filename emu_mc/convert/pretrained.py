@@ -1,6 +1,7 @@
 """Loading converted weights into a built model: `load_vision_state`, and `load_pretrained`, which
-applies `model.llm.init_from` (an LLM checkpoint directory, llm_format.py) and
-`model.vision.init_from` (a vision safetensors file from eva-to-emu) to an EmuModel stage."""
+applies `model.init_from` (a whole exported model, model_format.py), `model.llm.init_from` (an LLM
+checkpoint directory, llm_format.py) and `model.vision.init_from` (a vision safetensors file from
+eva-to-emu) to an EmuModel stage."""
 import logging
 
 import torch
@@ -8,6 +9,7 @@ import torch
 from emu_mc.config import ModelConfig
 from emu_mc.convert.errors import ConversionError, check_keys, check_shape
 from emu_mc.convert.llm_format import arch_mismatches, read_llm_checkpoint
+from emu_mc.convert.model_format import load_whole_model
 from emu_mc.convert.shard import load_llm_state
 from emu_mc.convert.tensor_files import StateDict, read_tensor_file
 
@@ -26,9 +28,13 @@ def load_vision_state(vision_model: torch.nn.Module, state: StateDict) -> None:
 
 
 def load_pretrained(emu_model, model_cfg: ModelConfig) -> None:
-    """Load model_cfg.llm.init_from into emu_model.llm and model_cfg.vision.init_from into
-    emu_model.vision (first pipeline stage only); each is a no-op when empty. Vocab rows the LLM
-    checkpoint lacks (added special tokens, padding) are zero. Raises ConversionError."""
+    """Load model_cfg.init_from (a whole exported model) into every component of this stage, or
+    model_cfg.llm.init_from into emu_model.llm and model_cfg.vision.init_from into emu_model.vision
+    (first pipeline stage only); each is a no-op when empty. Vocab rows the LLM checkpoint lacks
+    (added special tokens, padding) are zero. Raises ConversionError."""
+    if model_cfg.init_from:
+        load_whole_model(emu_model, model_cfg)
+        log.info("whole model from %s", model_cfg.init_from)
     path = model_cfg.llm.init_from
     if path:
         state, ckpt_cfg, vocab_size = read_llm_checkpoint(path)
