@@ -74,18 +74,15 @@ def parse_args(argv):
 
 def check_local_paths(cfg: Config) -> None:
     """What the run will read exists, checked before any process group: the tokenizer, init_from
-    weights and the data shards. Raises ConfigError / FileNotFoundError naming the field."""
+    weights (and their architecture) and the data shards. Raises ConfigError / FileNotFoundError /
+    ConversionError (a ValueError) naming the field."""
     from emu_mc.data.loader import source_shards
     from emu_mc.tokenizer import tokenizer_dir
 
-    m = cfg.model
-    tokenizer_dir(m.tokenizer)
-    if m.llm.init_from and not os.path.isdir(m.llm.init_from):
-        raise ConfigError(f"model.llm.init_from: {m.llm.init_from!r} is not a directory (python -m emu_mc.convert "
-                          "hf-to-emu writes one)")
-    if m.vision.init_from and not os.path.isfile(m.vision.init_from):
-        raise ConfigError(f"model.vision.init_from: {m.vision.init_from!r} is not a file (python -m emu_mc.convert "
-                          "eva-to-emu writes one)")
+    from emu_mc.convert.pretrained import check_init_from
+
+    tokenizer_dir(cfg.model.tokenizer)
+    check_init_from(cfg.model)
     if cfg.data.kind == "webdataset":
         source_shards(cfg)
 
@@ -284,12 +281,16 @@ def main(argv=None) -> int:
         return 2
     setup_logging(int(os.environ.get("RANK", 0)))
     from emu_mc.checkpoint import CheckpointLoadError
+    from emu_mc.convert.errors import ConversionError
 
     try:
         train(cfg)
     except (TrainingDiverged, CheckpointLoadError) as err:
         log.error("%s", err)
         return 1
+    except ConversionError as err:  # init_from weights that do not fit (caught before any step)
+        log.error("%s", err)
+        return 2
     finally:
         from emu_mc.parallel.groups import destroy_distributed
         destroy_distributed()
