@@ -63,9 +63,13 @@ def setup_logging(rank: int) -> None:
 
 
 def parse_args(argv):
+    from emu_mc.config_docs import HelpConfigAction
+
     parser = argparse.ArgumentParser(description="Pretrain an Emu-style model.", epilog=
-                                     "Any config field can be overridden: --model.llm.num_layers 4 --train.steps=50")
+                                     "Any config field can be overridden: --model.llm.num_layers 4 --train.steps=50 "
+                                     "--data.sources.0.shards PATH; --help-config lists them all (docs/config.md)")
     parser.add_argument("--config", required=True, help="YAML job config (see configs/)")
+    parser.add_argument("--help-config", action=HelpConfigAction)
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (YAML + overrides, validated) and exit")
     args, overrides = parser.parse_known_args(argv)
