@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
-    """EVA-CLIP-style ViT (SPEC component 1). Output: all 1 + (image_size/patch_size)^2 tokens."""
+    """EVA-CLIP-style ViT (docs/model.md, component 1). Output: all 1 + (image_size/patch_size)^2 tokens."""
 
     image_size: int = 224  # input resolution (square), pixels
     patch_size: int = 14  # patch side, pixels; image_size must be a multiple
@@ -41,7 +41,7 @@ class VisionConfig:
 
 @dataclass
 class ResamplerConfig:
-    """T5-decoder-style Causal Transformer (SPEC component 3)."""
+    """T5-decoder-style Causal Transformer (docs/model.md, component 3)."""
 
     num_queries: int = 32  # learned queries = visual embeddings (<image> slots) per image
     d_model: int = 768  # hidden size
@@ -60,7 +60,7 @@ class ResamplerConfig:
 
 @dataclass
 class LLMConfig:
-    """LLaMA-style decoder run as a megatron-core GPTModel (SPEC component 4)."""
+    """LLaMA-style decoder run as a megatron-core GPTModel (docs/model.md, component 4)."""
 
     num_layers: int = 40  # transformer layers
     hidden_size: int = 5120  # model width
@@ -81,7 +81,7 @@ class LLMConfig:
 
 @dataclass
 class LossConfig:
-    """Total = ce_weight * CE(text) + reg_weight * l2(visual) (SPEC "The objective")."""
+    """Total = ce_weight * CE(text) + reg_weight * l2(visual) (docs/model.md "The objective")."""
 
     ce_weight: float = 1.0  # weight of the text cross-entropy
     reg_weight: float = 1.0  # weight of the visual-embedding regression (l2)
