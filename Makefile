@@ -13,14 +13,17 @@ NPROC ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)" 
 
 .PHONY: env demo test bench gpu-kit clean
 
+# The stamp records the torch choice: a venv made for the other one is refused, not silently reused.
 env: $(VENV)/.installed
+	@made="$$(cat $(VENV)/.installed)"; if [ -n "$$made" ] && [ "$$made" != "TORCH_SPEC=$(TORCH_SPEC)" ]; then \
+		echo "$(VENV) was made with $$made, not TORCH_SPEC=$(TORCH_SPEC): run make clean first" >&2; exit 2; fi
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install -q -e ".[dev]"
-	touch $@
+	echo "TORCH_SPEC=$(TORCH_SPEC)" > $@
 
 demo: env
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) emu_mc/pretrain.py --config configs/tiny.yaml

@@ -81,3 +81,17 @@ def test_make_demo_runs_one_process_per_gpu_else_two(tmp_path):
     import torch
 
     assert f"--nproc_per_node={torch.cuda.device_count() or 2} " in demo
+
+
+def test_make_refuses_a_venv_made_for_the_other_torch(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / ".installed").write_text("TORCH_SPEC=torch==2.13.0\n")  # a CPU venv, up to date
+    proc = subprocess.run(["make", "env", "TORCH_SPEC=", f"VENV={tmp_path / 'venv'}"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "was made with TORCH_SPEC=torch==2.13.0, not TORCH_SPEC=: run make clean" \
+        in proc.stderr, proc.stderr
+    same = subprocess.run(["make", "env", f"VENV={tmp_path / 'venv'}"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert same.returncode == 0, same.stderr
