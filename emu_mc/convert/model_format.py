@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from emu_mc.config import ModelConfig, ResamplerConfig, VisionConfig
+from emu_mc.config import ModelConfig
 from emu_mc.convert.errors import ConversionError, check_keys, check_shape
 from emu_mc.convert.llm_format import arch_mismatches, read_llm_checkpoint, write_llm_checkpoint
 from emu_mc.convert.shard import load_llm_state

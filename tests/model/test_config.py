@@ -20,6 +20,9 @@ def test_tiny_loads_and_overrides(tiny_cfg):
     (["--parallel.tensor_parallel", "0"], "parallel.tensor_parallel: must be >= 1"),
     (["--data.seq_length", "4096"], "data.seq_length: must be <= model.llm.max_position_embeddings"),
     (["--model.llm.num_query_groups", "3"], "model.llm.num_query_groups: must be a divisor"),
+    (["--data.sources.9.shards", "x"], "data.sources.9.shards: '9' is not an item of this list (4 items; index 4"),
+    (["--data.sources.0.shardz", "x"], "data.sources[0].shardz: unknown field"),
+    (["--train.steps.0", "3"], "train.steps.0: train.steps is not a section"),
 ])
 def test_bad_values_name_the_field(override, needle):
     with pytest.raises(ConfigError) as err:
