@@ -3,26 +3,39 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU machines: the CPU build of torch (an unpinned install would pull a multi-GB CUDA build).
-# GPU machines: make TORCH_SPEC="torch" (or keep the machine's torch: make TORCH_SPEC=).
+# GPU machines: `make demo TORCH_SPEC=` keeps the machine's torch: the venv is then created with
+# --system-site-packages, so the torch (and triton) already installed satisfy the requirements and
+# pip installs no other. Switching between the two: `make clean` first.
 TORCH_SPEC ?= torch==2.13.0
-NPROC ?= 2
+VENV_FLAGS := $(if $(TORCH_SPEC),,--system-site-packages)
+# Demo processes: one per visible GPU, or 2 gloo ranks on a CPU machine (evaluated once the venv exists).
+NPROC ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
 
 .PHONY: env demo test bench gpu-kit clean
 
+# The stamp records the torch choice: a venv made for the other one is refused, not silently reused.
 env: $(VENV)/.installed
+	@made="$$(cat $(VENV)/.installed)"; if [ -n "$$made" ] && [ "$$made" != "TORCH_SPEC=$(TORCH_SPEC)" ]; then \
+		echo "$(VENV) was made with $$made, not TORCH_SPEC=$(TORCH_SPEC): run make clean first" >&2; exit 2; fi
 
 $(VENV)/.installed: pyproject.toml setup.py
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install -q -e ".[dev]"
-	touch $@
+	echo "TORCH_SPEC=$(TORCH_SPEC)" > $@
 
 demo: env
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) emu_mc/pretrain.py --config configs/tiny.yaml
 
-test: env
-	$(PY) -m pytest tests -q -ra
+# The DALI extra (~1 GB of CUDA libraries) only for the tests, so CI (`.ci/run` = `make test`) runs the
+# DALI CPU decoder tests; EMU_MC_EXPECT_DALI makes them fail rather than skip if DALI is missing.
+$(VENV)/.dali: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dali]"
+	touch $@
+
+test: env $(VENV)/.dali
+	EMU_MC_EXPECT_DALI=1 $(PY) -m pytest tests -q -ra
 
 bench: env
 	$(PY) benchmarks/resampler_bench.py

@@ -1,7 +1,8 @@
 """What every benchmark shares: the device's name, a median timer, and saving JSON + the printed table.
 
 Benchmarks run as scripts (`python benchmarks/x.py`), so this module is imported from the script's
-own directory.
+own directory. Results go to runs/bench/ (git-ignored) unless `--out PATH` names a file (or a folder,
+ending in /) or `--update-results` asks for the committed benchmarks/results/.
 """
 import datetime
 import json
@@ -12,6 +13,8 @@ import time
 from typing import Callable, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS_DIR = os.path.join(ROOT, "runs", "bench")  # default: outside the tracked tree
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")  # committed; written only with --update-results
 
 
 def device_name() -> str:
@@ -23,13 +26,21 @@ def device_name() -> str:
     return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
 
 
+def add_output_args(parser, bench: str) -> None:
+    """--out and --update-results (exclusive); both land in `args.out`, which save_results takes."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--out", help=f"JSON path, or a folder ending in / (default runs/bench/{bench}_bench_<device>"
+                                     ".json); the table goes next to it as .txt")
+    group.add_argument("--update-results", dest="out", action="store_const", const=os.path.join(RESULTS_DIR, ""),
+                       help=f"write the committed benchmarks/results/{bench}_bench_<device>.json instead")
+
+
 def add_kernel_bench_args(parser, bench: str, reps: int) -> None:
-    """--quick, --dtype, --reps and --out, shared by the kernel benchmarks."""
+    """--quick, --dtype, --reps, --out and --update-results, shared by the kernel benchmarks."""
     parser.add_argument("--quick", action="store_true", help="reduced sizes (always on without CUDA)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--reps", type=int, default=reps, help="timed calls per row on CPU (CUDA: do_bench)")
-    parser.add_argument("--out", help=f"JSON path (default benchmarks/results/{bench}_bench_<device>.json); "
-                                      "the table goes next to it as .txt")
+    add_output_args(parser, bench)
 
 
 def kernel_bench_setup(args) -> tuple:
@@ -63,7 +74,8 @@ def time_ms(fn: Callable[[], object], cuda: bool, reps: int, warmup_ms: int = 25
 def save_results(bench: str, record: Dict, notes: List[str], table: str, out: Optional[str] = None) -> str:
     """Write `record` (plus device, versions and a UTC timestamp) as JSON and notes + table as .txt beside it.
 
-    Default path: benchmarks/results/<bench>_bench_<device tag>.json, the tag "cpu" or the CUDA device's name.
+    `out`: a JSON path (used as given), a folder ending in a path separator, or None for runs/bench/; in a
+    folder the file is <bench>_bench_<device tag>.json, the tag "cpu" or the CUDA device's name.
     Returns the JSON path.
     """
     import torch
@@ -79,7 +91,9 @@ def save_results(bench: str, record: Dict, notes: List[str], table: str, out: Op
     record = {"bench": bench, "device": device_name(), "cuda": cuda, **versions,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **record}
     tag = "".join(c if c.isalnum() else "_" for c in (torch.cuda.get_device_name() if cuda else "cpu")).strip("_")
-    out = out or os.path.join(ROOT, "benchmarks", "results", f"{bench}_bench_{tag}.json")
+    folder = RUNS_DIR if out is None else out if out.endswith(os.sep) else None
+    if folder is not None:
+        out = os.path.join(folder, f"{bench}_bench_{tag}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=1)

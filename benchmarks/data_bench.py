@@ -1,7 +1,7 @@
 """Data decoding benchmark: PyAV / PIL beside DALI (CPU, and GPU when CUDA exists) on the same files.
 
     python benchmarks/data_bench.py                  # 1 thread and --workers threads (default: all cores)
-    python benchmarks/data_bench.py --reps 5 --out benchmarks/results/data_bench_cpu.json
+    python benchmarks/data_bench.py --reps 5 --update-results   # rewrite the committed benchmarks/results/
 
 Files: the sample set's clips (data/sample/video_text: 96x72, 15 frames; VP9 .webm and H.264 .mp4) and
 images (data/sample/image_text), plus two clips generated here with PyAV (320x240, 48 frames, a pan
@@ -31,7 +31,7 @@ from emu_mc.data.decode import CpuDecoder, DaliDecoder, dali_available
 from emu_mc.data.shards import expand_shards, index_shard, read_sample
 from emu_mc.data.sources import IMAGE_EXTS, VIDEO_EXTS
 
-from bench_common import device_name, save_results
+from bench_common import add_output_args, device_name, save_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,8 +175,7 @@ def main():
     parser.add_argument("--sample", default=os.path.join(ROOT, "data", "sample"), help="sample set folder")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="threads for the parallel rows")
     parser.add_argument("--reps", type=int, default=3, help="timed passes per row (median reported)")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/data_bench_<device>.json); "
-                                      "the table goes next to it as .txt")
+    add_output_args(parser, "data")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     torch.set_num_threads(1)  # normalisation math stays in the calling thread, as in the loader's workers

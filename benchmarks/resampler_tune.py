@@ -14,7 +14,7 @@ import torch
 
 from emu_mc.kernels import resampler_attention as ra
 
-from bench_common import device_name, save_results, time_ms
+from bench_common import add_output_args, device_name, save_results, time_ms
 from resampler_bench import MAX_DISTANCE, WORKLOADS, make_inputs
 
 SWEEP = {"fwd_warps": (2, 4, 8), "bwd_warps": (4, 8), "bwd_block_n": (16, 32, 64), "group_b": (1, 2, 4, 8)}
@@ -38,7 +38,7 @@ def time_setting(inputs, workload, mode):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1024, help="images per launch")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/resampler_tune_bench_<device>.json)")
+    add_output_args(parser, "resampler_tune")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("resampler_tune.py times compiled kernels: it needs CUDA")

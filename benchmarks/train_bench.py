@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench_common import ROOT, device_name, save_results
+from bench_common import ROOT, RUNS_DIR, add_output_args, device_name, save_results
 
 
 VARIANTS = {
@@ -61,8 +61,7 @@ def main():
     parser.add_argument("--profile-step", type=int, default=0,
                         help="profile this step of the first variant (torch.profiler; its table is printed and saved "
                              "beside the JSON as <name>_profile.txt)")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_bench_<device>.json); "
-                                                    "the table goes next to it as .txt")
+    add_output_args(parser, "train")
     parser.add_argument("--vision-layouts", default=None,
                         help="comma-separated parallel.vision_layout values to run each variant with (split,replicated)")
     parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, alternating; "
@@ -107,8 +106,8 @@ def save_profile(table_path, variant, out):
     with open(table_path) as f:
         table = f"{device_name()}; {variant}; " + f.read()
     print(table)
-    dest = os.path.splitext(out)[0] + "_profile.txt" if out else os.path.join(
-        ROOT, "benchmarks", "results", "train_bench_profile.txt")
+    folder = RUNS_DIR if out is None else out if out.endswith(os.sep) else None
+    dest = os.path.join(folder, "train_bench_profile.txt") if folder else os.path.splitext(out)[0] + "_profile.txt"
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     with open(dest, "w") as f:
         f.write(table)

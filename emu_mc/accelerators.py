@@ -37,7 +37,7 @@ def report() -> Dict[str, str]:
             f"used ({'transformer-engine' if te else 'apex'})" if apex or te
             else "not installed: torch.optim.Adam, dp_reshardable optimizer checkpoints"),
         "DALI GPU decode": ("available (data.decoder auto picks it)" if dali and cuda
-                            else "not used: " + ("no CUDA" if dali else "DALI not installed") + ", PIL + PyAV"),
+                            else "not used: " + ("no CUDA" if dali else "DALI not installed (extra .[dali])") + ", PIL + PyAV"),
         "csrc extension (emu_mc._C)": ("built (unused so far)" if _importable("emu_mc._C")
                                        else "not built (nothing needs it yet)"),
         "flash-attn": ("installed (benchmarks only)" if _importable("flash_attn")

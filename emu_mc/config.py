@@ -1,10 +1,12 @@
 """Typed job configuration: dataclasses loaded from YAML, overridable from the command line.
 
     cfg = load_config("configs/tiny.yaml", ["--model.llm.num_layers", "2", "--train.steps=10"])
+    cfg = load_config("configs/tiny.yaml", ["--data.sources.0.shards", "/data/laion-{000..009}.tar"])
 
 Every field is checked once, at load: unknown keys, wrong types and values outside a field's allowed
 set raise ConfigError naming the dotted field and what is allowed. Cross-field rules live in
-`Config.validate`.
+`Config.validate`. The reference of every field (docs/config.md, `--help-config`) is generated from
+these dataclasses and their comments by emu_mc/config_docs.py.
 """
 import dataclasses
 import typing
@@ -23,15 +25,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
-    """EVA-CLIP-style ViT (SPEC component 1). Output: all 1 + (image_size/patch_size)^2 tokens."""
+    """EVA-CLIP-style ViT (docs/model.md, component 1). Output: all 1 + (image_size/patch_size)^2 tokens."""
 
-    image_size: int = 224
-    patch_size: int = 14
-    width: int = 1408
-    num_layers: int = 40
-    num_heads: int = 16
-    mlp_hidden: int = 6144
-    norm_eps: float = 1e-6
+    image_size: int = 224  # input resolution (square), pixels
+    patch_size: int = 14  # patch side, pixels; image_size must be a multiple
+    width: int = 1408  # ViT hidden size
+    num_layers: int = 40  # ViT blocks
+    num_heads: int = 16  # attention heads; must divide width
+    mlp_hidden: int = 6144  # MLP hidden size
+    norm_eps: float = 1e-6  # LayerNorm epsilon (also ln_visual's)
     freeze: bool = False  # the ViT and ln_visual get no gradient and no update
     # Pretrained weights: a safetensors file from `python -m emu_mc.convert eva-to-emu`; "" = random init.
     init_from: str = ""
@@ -39,39 +41,39 @@ class VisionConfig:
 
 @dataclass
 class ResamplerConfig:
-    """T5-decoder-style Causal Transformer (SPEC component 3)."""
+    """T5-decoder-style Causal Transformer (docs/model.md, component 3)."""
 
-    num_queries: int = 32
-    d_model: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    d_kv: int = 64
-    d_ff: int = 3072
-    num_buckets: int = 32
-    max_distance: int = 128
-    dropout: float = 0.1
-    norm_eps: float = 1e-6
+    num_queries: int = 32  # learned queries = visual embeddings (<image> slots) per image
+    d_model: int = 768  # hidden size
+    num_layers: int = 12  # decoder layers (self-attention, cross-attention, FFN)
+    num_heads: int = 12  # attention heads
+    d_kv: int = 64  # per-head width of q, k and v
+    d_ff: int = 3072  # ReLU FFN hidden size
+    num_buckets: int = 32  # T5 relative-position buckets of the self-attention bias
+    max_distance: int = 128  # distance beyond which T5 buckets saturate
+    dropout: float = 0.1  # dropout in training, in [0, 1)
+    norm_eps: float = 1e-6  # T5 RMS norm epsilon
     # auto: the Triton kernel on CUDA, the PyTorch reference elsewhere.
     attention_impl: Literal["auto", "triton", "reference"] = "auto"
-    freeze: bool = False
+    freeze: bool = False  # the resampler gets no gradient and no update
 
 
 @dataclass
 class LLMConfig:
-    """LLaMA-style decoder run as a megatron-core GPTModel (SPEC component 4)."""
+    """LLaMA-style decoder run as a megatron-core GPTModel (docs/model.md, component 4)."""
 
-    num_layers: int = 40
-    hidden_size: int = 5120
-    num_attention_heads: int = 40
+    num_layers: int = 40  # transformer layers
+    hidden_size: int = 5120  # model width
+    num_attention_heads: int = 40  # query heads; must divide hidden_size
     num_query_groups: Optional[int] = None  # None = multi-head attention (no GQA)
-    ffn_hidden_size: int = 13824
-    norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
+    ffn_hidden_size: int = 13824  # SwiGLU hidden size
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    max_position_embeddings: int = 2048  # longest sequence (data.seq_length must not exceed it)
+    tie_word_embeddings: bool = False  # output layer shares the input embedding
     # The vocabulary comes from the tokenizer; the embedding is padded to a multiple of this x TP.
     make_vocab_size_divisible_by: int = 128
-    freeze: bool = False
+    freeze: bool = False  # the LLM gets no gradient and no update
     # Pretrained weights: a directory from `python -m emu_mc.convert hf-to-emu`; "" = random init.
     # Its architecture fields must match these; vocab rows it lacks (added special tokens) start at zero.
     init_from: str = ""
@@ -79,10 +81,10 @@ class LLMConfig:
 
 @dataclass
 class LossConfig:
-    """Total = ce_weight * CE(text) + reg_weight * l2(visual) (SPEC "The objective")."""
+    """Total = ce_weight * CE(text) + reg_weight * l2(visual) (docs/model.md "The objective")."""
 
-    ce_weight: float = 1.0
-    reg_weight: float = 1.0
+    ce_weight: float = 1.0  # weight of the text cross-entropy
+    reg_weight: float = 1.0  # weight of the visual-embedding regression (l2)
     # auto: the fused Triton loss on CUDA, the PyTorch reference elsewhere.
     impl: Literal["auto", "triton", "reference"] = "auto"
 
@@ -95,7 +97,10 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     # A local HF tokenizer directory; "tiny" means the small tokenizer shipped in emu_mc/assets.
     tokenizer: str = "tiny"
-    init_std: float = 0.02
+    init_std: float = 0.02  # std of the normal init of every weight matrix
+    # A whole model from `python -m emu_mc.convert export --to emu` (every component's weights; its
+    # architecture fields must match these); "" = random init, or the per-component init_from below.
+    init_from: str = ""
 
 
 # --------------------------------------------------------------------------- data
@@ -110,20 +115,22 @@ class SourceConfig:
     video_interleaved (YT-Storyboard: {i}.jpg|png frames, {i}.txt subtitles, json timestamps).
     """
 
+    # The sample layout of the shards.
     kind: Literal["image_text", "interleaved", "video_text", "video_interleaved"] = "image_text"
     # Local tar files: a path, a glob, or a brace pattern like data/laion-{000000..000009}.tar;
-    # several patterns may be joined with "::".
+    # several patterns may be joined with "::". Relative paths resolve against the working directory.
     shards: str = ""
-    weight: float = 1.0
+    weight: float = 1.0  # mixture weight (relative; 0 = unused)
 
 
 @dataclass
 class DataConfig:
     # synthetic: random tokens and images, no files (unit tests, quick smoke runs).
     kind: Literal["synthetic", "webdataset"] = "synthetic"
+    # The webdataset sources (fields: data.sources.N.*); at least one when kind is webdataset.
     sources: List[SourceConfig] = field(default_factory=list)
-    seq_length: int = 128
-    micro_batch_size: int = 2
+    seq_length: int = 128  # tokens per packed row
+    micro_batch_size: int = 2  # rows per microbatch and data-parallel rank
     # Frames sampled uniformly from each video_text clip, one image block each (the released model: 8).
     frames_per_video: int = 8
     # auto: dali_gpu when CUDA is available, else cpu. cpu: PIL for images, PyAV for video.
@@ -139,10 +146,10 @@ class DataConfig:
     # Stop with an error once more than this fraction of the samples read were skipped as bad,
     # checked after `failure_check_after` samples.
     max_failure_fraction: float = 0.1
-    failure_check_after: int = 100
+    failure_check_after: int = 100  # samples read before max_failure_fraction is checked
     # A document longer than seq_length: truncate (never inside an image block) or skip (counted).
     overlong: Literal["truncate", "skip"] = "truncate"
-    images_per_synthetic_sample: int = 1
+    images_per_synthetic_sample: int = 1  # image blocks per row with kind synthetic
 
 
 # --------------------------------------------------------------------------- training
@@ -150,8 +157,8 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
+    tensor_parallel: int = 1  # TP size: the LLM's layers split over this many GPUs
+    pipeline_parallel: int = 1  # PP size: the LLM's layers split in stages
     # Microbatches per optimizer step and data-parallel rank (gradient accumulation).
     num_microbatches: int = 1
     # Shard optimizer state and fp32 main weights across data-parallel ranks (megatron-core
@@ -170,36 +177,39 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
+    lr: float = 1e-4  # peak learning rate (after warmup)
+    min_lr: float = 1e-5  # learning rate at the end of the cosine
+    weight_decay: float = 0.05  # AdamW weight decay (norms and biases never decay)
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.98  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    warmup_steps: int = 100  # linear warmup steps
+    # The step at which the cosine reaches min_lr (constant after it); None = train.steps. Set it when
+    # raising train.steps to continue a run, or the cosine is re-stretched (a warning on resume says so).
+    decay_steps: Optional[int] = None
+    grad_clip: float = 1.0  # global gradient-norm clip over all groups; 0 = off
     # Per-component multipliers of lr and weight_decay: vision encoder (+ ln_visual), resampler,
     # LLM, heads (regression head; the LM output layer belongs to the LLM). Norm weights and biases
     # never decay.
     lr_scale_vision: float = 1.0
-    lr_scale_resampler: float = 1.0
-    lr_scale_llm: float = 1.0
-    lr_scale_heads: float = 1.0
-    wd_scale_vision: float = 1.0
-    wd_scale_resampler: float = 1.0
-    wd_scale_llm: float = 1.0
-    wd_scale_heads: float = 1.0
+    lr_scale_resampler: float = 1.0  # lr multiplier of the resampler
+    lr_scale_llm: float = 1.0  # lr multiplier of the LLM
+    lr_scale_heads: float = 1.0  # lr multiplier of the regression head
+    wd_scale_vision: float = 1.0  # weight-decay multiplier of the vision encoder
+    wd_scale_resampler: float = 1.0  # weight-decay multiplier of the resampler
+    wd_scale_llm: float = 1.0  # weight-decay multiplier of the LLM
+    wd_scale_heads: float = 1.0  # weight-decay multiplier of the regression head
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    seed: int = 1234
-    precision: Literal["fp32", "bf16"] = "fp32"
-    log_every: int = 1
-    out_dir: str = "runs/default"
+    steps: int = 100  # optimizer steps of the run (raise it to continue from a checkpoint)
+    seed: int = 1234  # seeds init, data order and dropout
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 on GPU (mixed precision, fp32 main weights); fp32 on CPU
+    log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
+    out_dir: str = "runs/default"  # metrics, TensorBoard logs and checkpoints; a rerun resumes from here
     checkpoint_every: int = 0  # 0 = only at the end and on SIGTERM
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept
     # How the distributed optimizer's state is laid out on disk (megatron-core sharding types):
     # fully_reshardable: one tensor per parameter, resumes on any TP x PP x DP layout (gathers the
     #   optimizer state on DP rank 0 while saving); needs the apex/TE fused Adam (megatron-core 0.16's
@@ -207,8 +217,8 @@ class TrainConfig:
     # dp_reshardable: each rank writes its own shard, no gather; resumes with the same TP x PP, any DP;
     # auto: fully_reshardable with apex/TE, dp_reshardable otherwise (CPU).
     optimizer_checkpoint: Literal["auto", "fully_reshardable", "dp_reshardable"] = "auto"
-    max_consecutive_nonfinite: int = 5
-    recompute_activations: bool = False
+    max_consecutive_nonfinite: int = 5  # non-finite steps in a row that stop the run
+    recompute_activations: bool = False  # recompute the LLM's layers in backward (less memory)
     # Recompute the vision side in backward: each ViT block and the resampler (activation checkpointing).
     recompute_vision: bool = False
     profile_step: int = 0  # > 0: profile that step (torch.profiler) into out_dir/profile_step<N>_rank<R>.txt
@@ -232,6 +242,8 @@ class Config:
         if llm.num_query_groups is not None:
             _require(llm.num_attention_heads % llm.num_query_groups == 0, "model.llm.num_query_groups",
                      "a divisor of model.llm.num_attention_heads")
+        _require(not (self.model.init_from and (llm.init_from or v.init_from)), "model.init_from",
+                 "empty when model.llm.init_from or model.vision.init_from is set (one source of weights)")
         _require(self.data.seq_length <= llm.max_position_embeddings, "data.seq_length",
                  f"<= model.llm.max_position_embeddings ({llm.max_position_embeddings})")
         _require(self.data.seq_length >= r.num_queries + 3, "data.seq_length",
@@ -243,6 +255,8 @@ class Config:
         _require(0.0 <= self.data.max_failure_fraction <= 1.0, "data.max_failure_fraction", "in [0, 1]")
         d = self.data
         _require(self.train.steps >= 1, "train.steps", ">= 1")
+        _require(self.optim.decay_steps is None or self.optim.decay_steps >= 1, "optim.decay_steps",
+                 ">= 1, or null for train.steps")
         _require(self.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1")
         _require(self.train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0 = only at the end and on SIGTERM)")
         _require(self.train.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", ">= 1")
@@ -340,13 +354,27 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+    """tree[a][b]... = value for "a.b..."; a number indexes a list (data.sources.0.shards), and the
+    list's length appends an item."""
     keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {key} is not a section")
-    node[keys[-1]] = value
+    node: Any = tree
+    for depth, key in enumerate(keys):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) > len(node):
+                raise ConfigError(f"{dotted}: {key!r} is not an item of this list ({len(node)} items; "
+                                  f"index {len(node)} appends one)")
+            key = int(key)
+            if key == len(node):
+                node.append({})
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {'.'.join(keys[:depth])} is not a section")
+        if depth == len(keys) - 1:
+            node[key] = value
+        else:
+            child = node[key] if isinstance(node, list) else node.get(key)
+            if child is None:
+                child = node[key] = [] if keys[depth + 1].isdigit() else {}
+            node = child
 
 
 def parse_overrides(args: Sequence[str]) -> Dict[str, Any]:

@@ -64,9 +64,13 @@ def setup_logging(rank: int) -> None:
 
 
 def parse_args(argv):
+    from emu_mc.config_docs import HelpConfigAction
+
     parser = argparse.ArgumentParser(description="Pretrain an Emu-style model.", epilog=
-                                     "Any config field can be overridden: --model.llm.num_layers 4 --train.steps=50")
+                                     "Any config field can be overridden: --model.llm.num_layers 4 --train.steps=50 "
+                                     "--data.sources.0.shards PATH; --help-config lists them all (docs/config.md)")
     parser.add_argument("--config", required=True, help="YAML job config (see configs/)")
+    parser.add_argument("--help-config", action=HelpConfigAction)
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (YAML + overrides, validated) and exit")
     args, overrides = parser.parse_known_args(argv)
@@ -75,18 +79,15 @@ def parse_args(argv):
 
 def check_local_paths(cfg: Config) -> None:
     """What the run will read exists, checked before any process group: the tokenizer, init_from
-    weights and the data shards. Raises ConfigError / FileNotFoundError naming the field."""
+    weights (and their architecture) and the data shards. Raises ConfigError / FileNotFoundError /
+    ConversionError (a ValueError) naming the field."""
     from emu_mc.data.loader import source_shards
     from emu_mc.tokenizer import tokenizer_dir
 
-    m = cfg.model
-    tokenizer_dir(m.tokenizer)
-    if m.llm.init_from and not os.path.isdir(m.llm.init_from):
-        raise ConfigError(f"model.llm.init_from: {m.llm.init_from!r} is not a directory (python -m emu_mc.convert "
-                          "hf-to-emu writes one)")
-    if m.vision.init_from and not os.path.isfile(m.vision.init_from):
-        raise ConfigError(f"model.vision.init_from: {m.vision.init_from!r} is not a file (python -m emu_mc.convert "
-                          "eva-to-emu writes one)")
+    from emu_mc.convert.pretrained import check_init_from
+
+    tokenizer_dir(cfg.model.tokenizer)
+    check_init_from(cfg.model)
     if cfg.data.kind == "webdataset":
         source_shards(cfg)
 
@@ -128,7 +129,7 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
                                    restore_rng_state, training_state)
     from emu_mc.metrics import RunLogger, device_peak_flops, flops_per_image, flops_per_token
     from emu_mc.parallel.setup import device, train_step, vision_seconds_per_tp_rank
-    from emu_mc.schedule import lr_at
+    from emu_mc.schedule import decay_horizon, lr_at, schedule_change
 
     rank, dev = dist.get_rank(), device()
     checkpointer = Checkpointer(cfg.train.out_dir, cfg.train.keep_checkpoints)
@@ -163,6 +164,8 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
                         "reseeded, so this is a continuation, not an exact resume", *saved_layout, *layout)
         start_step = meta["step"]
         log.info("resumed from %s at step %d (written by TP %d x PP %d x DP %d)", latest, start_step, *saved_layout)
+        if start_step < cfg.train.steps and (change := schedule_change(meta["config"], cfg, start_step)):
+            log.warning(change)
     if start_step >= cfg.train.steps:
         log.info("nothing to do: the latest checkpoint is at step %d and train.steps is %d (raise train.steps to "
                  "continue, or set another train.out_dir to start afresh)", start_step, cfg.train.steps)
@@ -182,7 +185,7 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     metrics = {}
     try:
         for step in range(start_step, cfg.train.steps):
-            lr = lr_at(step, cfg.optim, cfg.train.steps)
+            lr = lr_at(step, cfg.optim, decay_horizon(cfg.optim, cfg.train.steps))
             t0 = time.perf_counter()
             microbatches = [next(loader) for _ in range(cfg.parallel.num_microbatches)]
             t_data = time.perf_counter() - t0
@@ -286,12 +289,16 @@ def main(argv=None) -> int:
         return 2
     setup_logging(int(os.environ.get("RANK", 0)))
     from emu_mc.checkpoint import CheckpointLoadError
+    from emu_mc.convert.errors import ConversionError
 
     try:
         train(cfg)
     except (TrainingDiverged, CheckpointLoadError) as err:
         log.error("%s", err)
         return 1
+    except ConversionError as err:  # init_from weights that do not fit (caught before any step)
+        log.error("%s", err)
+        return 2
     finally:
         from emu_mc.parallel.groups import destroy_distributed
         destroy_distributed()

@@ -1,6 +1,6 @@
 """Tokenizer: any local HF tokenizer plus Emu's special tokens; no downloads.
 
-One image in text is `[IMG]` + num_queries x `<image>` + `[/IMG]` (SPEC component 4).
+One image in text is `[IMG]` + num_queries x `<image>` + `[/IMG]` (docs/model.md, "Special tokens").
 `load_tokenizer("tiny")` loads the small byte-level BPE shipped in emu_mc/assets/tiny_tokenizer
 (rebuild it with `python -m emu_mc.tokenizer --build-tiny`); any other value is a local directory
 in HF format (e.g. a LLaMA checkpoint's tokenizer files).

@@ -1,10 +1,11 @@
-"""python -m emu_mc.convert {hf-to-emu, emu-to-hf, eva-to-emu} ... (see --help)."""
+"""python -m emu_mc.convert {hf-to-emu, emu-to-hf, eva-to-emu, export} ... (see --help)."""
 import argparse
 import sys
 from typing import Optional, Sequence
 
 from emu_mc.convert.errors import ConversionError
 from emu_mc.convert.eva import eva_to_emu
+from emu_mc.convert.export import export_checkpoint
 from emu_mc.convert.hf import emu_to_hf, hf_to_emu
 from emu_mc.convert.llm_format import ARCH_FIELDS, META_FILE, WEIGHTS_FILE
 
@@ -32,6 +33,16 @@ def _parser() -> argparse.ArgumentParser:
                                    "drops the final norm and head. See emu_mc/convert/eva.py for the layouts.")
     s.add_argument("--eva", required=True, metavar="FILE", help="EVA-CLIP checkpoint file")
     s.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
+    s = sub.add_parser("export", help="a pretraining checkpoint (any TP x PP) -> our whole-model format or HF LLaMA",
+                       description="Loads the model of a pretraining checkpoint (a run's out_dir, its checkpoints/ "
+                                   "or a step_N/ directory; any TP x PP x DP layout) in one process and writes "
+                                   "--to emu: every component (emu_mc_model.json, llm.safetensors + "
+                                   "emu_mc_llm.json, vision.safetensors, components.safetensors, tokenizer/), "
+                                   "for --model.init_from DIR; --to hf: the LLM as a LlamaForCausalLM directory "
+                                   "with the run's tokenizer (special tokens included).")
+    s.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory, checkpoints/ or step_N/")
+    s.add_argument("--to", required=True, choices=["emu", "hf"], help="output format")
+    s.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     return p
 
 
@@ -46,9 +57,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "emu-to-hf":
             cfg, vocab = emu_to_hf(args.emu, args.out)
             print(f"wrote {args.out}: LlamaForCausalLM, {cfg.num_layers} layers, vocab_size={vocab}")
-        else:
+        elif args.command == "eva-to-emu":
             shape = eva_to_emu(args.eva, args.out)
             print(f"wrote {args.out}: vision tower {shape} (set model.vision.num_heads yourself)")
+        else:
+            from emu_mc.pretrain import setup_logging
+
+            setup_logging(0)  # megatron-core's known-harmless warnings off, as in a training run
+            step_dir, step = export_checkpoint(args.checkpoint, args.to, args.out)
+            use = "--model.init_from" if args.to == "emu" else "transformers.AutoModelForCausalLM.from_pretrained"
+            print(f"wrote {args.out} from {step_dir} (step {step}); load it with {use}")
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -174,9 +174,14 @@ def hf_to_emu(hf_dir: str, out_dir: str) -> Tuple[LLMConfig, int]:
     return cfg, vocab_size
 
 
+def write_hf_llm(out_dir: str, state: StateDict, cfg: LLMConfig, vocab_size: int) -> None:
+    """Our full LLM state dict -> config.json + model.safetensors (LlamaForCausalLM) in `out_dir`."""
+    hf_config_from_llm(cfg, vocab_size, state[EMBEDDING].dtype).save_pretrained(out_dir)
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), emu_to_hf_state(state, cfg))
+
+
 def emu_to_hf(emu_dir: str, out_dir: str) -> Tuple[LLMConfig, int]:
     """Convert our checkpoint directory into config.json + model.safetensors (LlamaForCausalLM)."""
     state, cfg, vocab_size = read_llm_checkpoint(emu_dir)
-    hf_config_from_llm(cfg, vocab_size, state[EMBEDDING].dtype).save_pretrained(out_dir)
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), emu_to_hf_state(state, cfg))
+    write_hf_llm(out_dir, state, cfg, vocab_size)
     return cfg, vocab_size

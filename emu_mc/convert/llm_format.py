@@ -99,7 +99,9 @@ def read_llm_meta(directory: str) -> Tuple[LLMConfig, int]:
         fields = {n: meta["llm"][n] for n in ARCH_FIELDS}
         return dataclasses.replace(LLMConfig(), **fields), int(meta["vocab_size"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConversionError(f"{path}: missing or invalid ({type(e).__name__}: {e})") from None
+        hint = ("; a pretraining run's checkpoint? python -m emu_mc.convert export --checkpoint DIR --to emu|hf"
+                if os.path.exists(os.path.join(directory, "meta.json")) or os.path.isdir(os.path.join(directory, "checkpoints")) else "")
+        raise ConversionError(f"{path}: missing or invalid ({type(e).__name__}: {e}){hint}") from None
 
 
 def read_llm_checkpoint(directory: str) -> Tuple[StateDict, LLMConfig, int]:

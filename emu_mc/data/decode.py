@@ -9,7 +9,7 @@ All paths produce the same thing: the image resized to image_size x image_size w
 interpolation (no crop), scaled to [0, 1], normalised with the CLIP mean/std, float32 CHW. They differ
 by resampling filters and YUV->RGB conversion: on average 1-2 uint8 levels, at single pixels up to ~10
 levels on images and ~40 on video (chroma edges); tests/data/test_decode.py holds these bounds.
-Video frames are picked uniformly with `uniform_frame_indices` (SPEC: the released Emu-1 inference
+Video frames are picked uniformly with `uniform_frame_indices` (docs/model.md: the released Emu-1 inference
 samples 8 frames uniformly). A DALI failure on one input (e.g. a corrupt JPEG, which stops a DALI
 pipeline) rebuilds that thread's pipeline and retries the input with PIL/PyAV, so nothing is lost and a
 bad input is reported, never raised past the sample.
@@ -186,7 +186,7 @@ class DaliDecoder:
         if device not in ("cpu", "gpu"):
             raise ValueError(f"DaliDecoder device must be cpu or gpu, not {device!r}")
         if not dali_available():
-            raise RuntimeError("data.decoder: DALI is not importable (pip install nvidia-dali-cuda120)")
+            raise RuntimeError("data.decoder: DALI is not importable; install the extra: pip install -e '.[dali]'")
         self.size = image_size
         self.device = device
         self.name = f"dali_{device}"

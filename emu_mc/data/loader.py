@@ -108,7 +108,9 @@ def source_shards(cfg: Config) -> List[List[str]]:
     for i, src in enumerate(cfg.data.sources):
         paths = expand_shards(src.shards)
         if not any(os.path.isfile(p) for p in paths):
-            raise ConfigError(f"data.sources[{i}].shards: {src.shards!r} matches no existing file")
+            relative = not all(os.path.isabs(p) for p in src.shards.split("::"))
+            where = f" (relative paths resolve against the working directory, {os.getcwd()})" if relative else ""
+            raise ConfigError(f"data.sources[{i}].shards: {src.shards!r} matches no existing file{where}")
         out.append(paths)
     return out
 

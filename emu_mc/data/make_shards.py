@@ -12,13 +12,17 @@ hold images or videos, not both. A jsonl: one document per line, paths relative 
   video_interleaved: {"frames": [{"path": str, "time": float}, ...],
                       "subtitles": [{"text": str, "start": float, "end": float}, ...]}
 Samples go to consecutive shards of at most --max-samples each; files are stored as they are
-(no re-encoding) with mtime 0, so the same input gives byte-identical shards.
+(no re-encoding) with mtime 0, so the same input gives byte-identical shards. Bad input (a missing
+or undecodable image, a jsonl line that is not JSON or lacks a field) stops with one line naming the
+file, line and field, exit code 2, and the shards written so far are removed.
 """
 import argparse
+import io
 import json
 import logging
 import os
-from typing import Dict, Iterator, List, Tuple
+import sys
+from typing import Any, Dict, Iterator, List, Tuple
 
 from emu_mc.data.sources import IMAGE_EXTS, VIDEO_EXTS
 
@@ -26,9 +30,35 @@ log = logging.getLogger("emu_mc.data")
 Sample = Dict[str, bytes]  # "__key__" -> key (str), ext -> bytes
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+class ShardInputError(ValueError):
+    """Input make_shards cannot use; the message names the file (and jsonl line and field)."""
+
+
+def _read(path: str, where: str) -> bytes:
+    """The bytes of `path`; an image must also decode. `where` names the input that refers to it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ShardInputError(f"{where}: cannot read {path} ({e.strerror or e})") from None
+    if _ext(path) in IMAGE_EXTS:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.verify()
+        except Exception as e:  # PIL raises many types for a damaged file
+            raise ShardInputError(f"{where}: {path} is not a decodable image ({type(e).__name__}: {e})") from None
+    return data
+
+
+def _field(doc: dict, name: str, kind: type, where: str) -> Any:
+    """doc[name], which must exist and be a `kind`."""
+    if name not in doc:
+        raise ShardInputError(f"{where}: missing field {name!r}")
+    if not isinstance(doc[name], kind) or isinstance(doc[name], bool):
+        raise ShardInputError(f"{where}: field {name!r} must be a {kind.__name__}, got {doc[name]!r}")
+    return doc[name]
 
 
 def _ext(path: str) -> str:
@@ -41,7 +71,7 @@ def folder_samples(folder: str) -> Tuple[str, Iterator[Sample]]:
     media = [n for n in names if _ext(n) in IMAGE_EXTS + VIDEO_EXTS]
     kinds = {"image_text" if _ext(n) in IMAGE_EXTS else "video_text" for n in media}
     if len(kinds) != 1:
-        raise ValueError(f"{folder}: expected images or videos (not both, not none); found {len(media)} media files")
+        raise ShardInputError(f"{folder}: expected images or videos (not both, not none); found {len(media)} media files")
 
     def samples() -> Iterator[Sample]:
         for name in media:
@@ -50,71 +80,114 @@ def folder_samples(folder: str) -> Tuple[str, Iterator[Sample]]:
             if not os.path.exists(caption):
                 log.warning("make_shards: %s has no caption %s.txt; skipped", name, stem)
                 continue
-            yield {"__key__": stem, _ext(name): _read(os.path.join(folder, name)), "txt": _read(caption)}
+            path = os.path.join(folder, name)
+            yield {"__key__": stem, _ext(name): _read(path, path), "txt": _read(caption, caption)}
 
     return kinds.pop(), samples()
 
 
-def interleaved_sample(key: str, doc: dict, root: str) -> Sample:
+def interleaved_sample(key: str, doc: dict, root: str, where: str) -> Sample:
     """An MMC4-style document (see the module docstring) -> json + {j}.ext members."""
     sample: Sample = {"__key__": key}
+    text_list = _field(doc, "text_list", list, where)
     infos = []
     for j, image in enumerate(doc.get("images", [])):
-        name = f"{j}.{_ext(image['path'])}"
-        sample[name] = _read(os.path.join(root, image["path"]))
-        infos.append({"matched_text_index": image["matched_text_index"], "image_name": name})
-    sample["json"] = json.dumps({"text_list": doc["text_list"], "image_info": infos}).encode()
+        at = f"{where}: images[{j}]"
+        path, index = _field(image, "path", str, at), _field(image, "matched_text_index", int, at)
+        if not 0 <= index < len(text_list):
+            raise ShardInputError(f"{at}: matched_text_index {index} is outside text_list (length {len(text_list)})")
+        name = f"{j}.{_ext(path)}"
+        sample[name] = _read(os.path.join(root, path), f"{at}.path")
+        infos.append({"matched_text_index": index, "image_name": name})
+    sample["json"] = json.dumps({"text_list": text_list, "image_info": infos}).encode()
     return sample
 
 
-def storyboard_sample(key: str, doc: dict, root: str) -> Sample:
+def storyboard_sample(key: str, doc: dict, root: str, where: str) -> Sample:
     """A YT-Storyboard-style document -> {i}.jpg|png frames, {i}.txt subtitles, json timestamps."""
     sample: Sample = {"__key__": key}
-    for i, frame in enumerate(doc["frames"]):
-        sample[f"{i}.{_ext(frame['path'])}"] = _read(os.path.join(root, frame["path"]))
+    times = []
+    for i, frame in enumerate(_field(doc, "frames", list, where)):
+        at = f"{where}: frames[{i}]"
+        path = _field(frame, "path", str, at)
+        times.append(_number(frame, "time", at))
+        sample[f"{i}.{_ext(path)}"] = _read(os.path.join(root, path), f"{at}.path")
+    spans = []
     for i, sub in enumerate(doc.get("subtitles", [])):
-        sample[f"{i}.txt"] = sub["text"].encode()
-    meta = {"frame_timestamps": [f["time"] for f in doc["frames"]],
-            "subtitle_timestamps": [[s["start"], s["end"]] for s in doc.get("subtitles", [])]}
-    sample["json"] = json.dumps(meta).encode()
+        at = f"{where}: subtitles[{i}]"
+        sample[f"{i}.txt"] = _field(sub, "text", str, at).encode()
+        spans.append([_number(sub, "start", at), _number(sub, "end", at)])
+    sample["json"] = json.dumps({"frame_timestamps": times, "subtitle_timestamps": spans}).encode()
     return sample
+
+
+def _number(doc: dict, name: str, where: str) -> float:
+    if not isinstance(doc.get(name), (int, float)) or isinstance(doc.get(name), bool):
+        raise ShardInputError(f"{where}: field {name!r} must be a number, got {doc.get(name, 'nothing')!r}")
+    return float(doc[name])
 
 
 def jsonl_samples(path: str) -> Tuple[str, Iterator[Sample]]:
-    """(kind, samples) for a jsonl of interleaved or storyboard documents (one kind per file)."""
-    with open(path) as f:
-        docs = [json.loads(line) for line in f if line.strip()]
+    """(kind, samples) for a jsonl of interleaved or storyboard documents (one kind per file, set by
+    the first document: text_list -> interleaved, frames -> video_interleaved)."""
+    try:
+        with open(path) as f:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    except OSError as e:
+        raise ShardInputError(f"{path}: cannot read ({e.strerror or e}); expected a folder or a .jsonl") from None
+    docs = []
+    for n, line in lines:
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ShardInputError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(doc, dict):
+            raise ShardInputError(f"{path} line {n}: expected a JSON object, got {type(doc).__name__}")
+        docs.append((n, doc))
     if not docs:
-        raise ValueError(f"{path}: no documents")
-    kind = "interleaved" if "text_list" in docs[0] else "video_interleaved"
+        raise ShardInputError(f"{path}: no documents")
+    first = docs[0][1]
+    if "text_list" not in first and "frames" not in first:
+        raise ShardInputError(f"{path} line {docs[0][0]}: neither 'text_list' (interleaved) nor 'frames' "
+                              "(video_interleaved); see --help for the fields")
+    kind = "interleaved" if "text_list" in first else "video_interleaved"
     make = interleaved_sample if kind == "interleaved" else storyboard_sample
     root = os.path.dirname(os.path.abspath(path))
-    return kind, (make(f"{i:06d}", doc, root) for i, doc in enumerate(docs))
+    return kind, (make(f"{i:06d}", doc, root, f"{path} line {n}") for i, (n, doc) in enumerate(docs))
 
 
 def write_shards(samples: Iterator[Sample], pattern: str, max_samples: int) -> List[str]:
-    """Write samples to pattern % 0, pattern % 1, ... (at most max_samples each); returns the paths."""
+    """Write samples to pattern % 0, pattern % 1, ... (at most max_samples each); returns the paths.
+    If reading a sample fails, the shards written so far are removed and the error re-raised."""
     import webdataset as wds
 
     if max_samples < 1:
-        raise ValueError("--max-samples must be >= 1")
+        raise ShardInputError("--max-samples must be >= 1")
     paths: List[str] = []
     writer, count = None, 0
-    for sample in samples:
-        if writer is None or count == max_samples:
-            if writer is not None:
-                writer.close()
-            paths.append(pattern % len(paths))
-            os.makedirs(os.path.dirname(os.path.abspath(paths[-1])), exist_ok=True)
-            writer, count = wds.TarWriter(paths[-1], encoder=False, mtime=0.0), 0
-        writer.write(sample)
-        count += 1
+    try:
+        for sample in samples:
+            if writer is None or count == max_samples:
+                if writer is not None:
+                    writer.close()
+                paths.append(pattern % len(paths))
+                os.makedirs(os.path.dirname(os.path.abspath(paths[-1])), exist_ok=True)
+                writer, count = wds.TarWriter(paths[-1], encoder=False, mtime=0.0), 0
+            writer.write(sample)
+            count += 1
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        for path in paths:
+            os.remove(path)
+        raise
     if writer is not None:
         writer.close()
     return paths
 
 
 def main(argv=None) -> List[str]:
+    """Make shards; returns their paths. Raises ShardInputError for unusable input."""
     parser = argparse.ArgumentParser(prog="python -m emu_mc.data.make_shards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a folder of captioned images/videos, or a .jsonl of documents")
@@ -129,6 +202,16 @@ def main(argv=None) -> List[str]:
     return paths
 
 
+def cli(argv=None) -> int:
+    """The command line: 0, or 2 with one line on stderr for unusable input."""
+    try:
+        main(argv)
+    except ShardInputError as err:
+        print(f"make_shards: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    main()
+    sys.exit(cli())

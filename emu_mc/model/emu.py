@@ -1,5 +1,5 @@
 """Emu: images -> ViT -> ln_visual -> causal resampler -> <image> slots of the LLM input -> LLM ->
-regression head + mixed loss (SPEC, "Components" and "The objective").
+regression head + mixed loss (docs/model.md, "Components" and "The objective").
 
 Shapes: B rows of S tokens, N images, Q = num_queries slots per image, H = LLM width.
 The megatron LLM works sequence-first ([S, B, H]); flattened rows are s-major (index s * B + b), so

@@ -1,4 +1,4 @@
-"""The multimodal LLM (SPEC component 4): a LLaMA-style megatron-core GPTModel.
+"""The multimodal LLM (docs/model.md, component 4): a LLaMA-style megatron-core GPTModel.
 
 `build_llm` makes the GPTModel (local layer spec: RMSNorm, SwiGLU, RoPE, no biases) for this rank's
 tensor/pipeline shard. `llm_hidden_states` runs it from input embeddings (first stage) or from the

@@ -1,4 +1,4 @@
-"""Causal Transformer (SPEC component 3): a T5-decoder-style stack over learned queries.
+"""Causal Transformer (docs/model.md, component 3): a T5-decoder-style stack over learned queries.
 
 Each layer: causal self-attention over the queries with T5 relative-position bias (one bucket table
 shared by all layers, as in T5), cross-attention to the normalised visual tokens, ReLU FFN; T5 RMS

@@ -1,4 +1,4 @@
-"""Targets of the Emu objective, position by position (SPEC "The objective").
+"""Targets of the Emu objective, position by position (docs/model.md "The objective").
 
 Text: position p predicts token p+1 unless that token is pad, [IMG], <image> or [/IMG], lies in
 another document (segment) or p is the last position -> IGNORE_INDEX.

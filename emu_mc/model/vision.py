@@ -1,4 +1,4 @@
-"""EVA-CLIP-style vision transformer (SPEC component 1): all tokens out, no final norm, no pooling."""
+"""EVA-CLIP-style vision transformer (docs/model.md, component 1): all tokens out, no final norm, no pooling."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

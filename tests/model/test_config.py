@@ -30,6 +30,9 @@ def test_tiny_loads_and_overrides(tiny_cfg):
       "2", "--model.llm.num_layers", "4"], "the other 1 of model.llm.num_layers (4) split evenly over the 0 other"),
     (["--parallel.pipeline_parallel", "4", "--model.llm.num_layers", "8", "--parallel.llm_layers_first_stage", "1"],
      "the other 7 of model.llm.num_layers (8) split evenly over the 3 other stage(s)"),
+    (["--data.sources.9.shards", "x"], "data.sources.9.shards: '9' is not an item of this list (4 items; index 4"),
+    (["--data.sources.0.shardz", "x"], "data.sources[0].shardz: unknown field"),
+    (["--train.steps.0", "3"], "train.steps.0: train.steps is not a section"),
 ])
 def test_bad_values_name_the_field(override, needle):
     with pytest.raises(ConfigError) as err:

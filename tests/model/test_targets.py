@@ -1,4 +1,4 @@
-"""SPEC "The objective": text targets skip image tokens; regression pairs per image; clear assembly errors."""
+"""docs/model.md "The objective": text targets skip image tokens; regression pairs per image; clear assembly errors."""
 import pytest
 import torch
 
