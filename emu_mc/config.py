@@ -172,7 +172,7 @@ class ParallelConfig:
     # stage also runs the vision side, the last the loss: give them fewer layers. The layers left must
     # divide evenly over the middle stages.
     llm_layers_first_stage: Optional[int] = None
-    llm_layers_last_stage: Optional[int] = None
+    llm_layers_last_stage: Optional[int] = None  # LLM layers on the last pipeline stage (PP > 1; null = an even share)
 
 
 @dataclass
