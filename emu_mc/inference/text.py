@@ -170,10 +170,16 @@ class BeamSearch:
         return out
 
 
-@torch.no_grad()
 def generate_text(emu: LoadedEmu, requests: List[Request], settings: TextSettings = None) -> List[TextResult]:
-    """Continue each request's prompt (text, images, videos) with text; one batch, left-padded."""
+    """Continue each request's prompt (text, images, videos) with text; one batch, left-padded.
+    Greedy or sampling with num_beams 1, beam search otherwise."""
     settings = (settings or TextSettings()).validate()
+    return decode(emu, requests, settings, BeamSearch if settings.num_beams > 1 else TokenPicker)
+
+
+@torch.no_grad()
+def decode(emu: LoadedEmu, requests: List[Request], settings: TextSettings, strategy_cls) -> List[TextResult]:
+    """The generation loop, for any strategy class (TokenPicker, BeamSearch)."""
     model, ids, device = emu.model, emu.ids, emu.device
     positions = emu.cfg.model.llm.max_position_embeddings
     batch = PromptBuilder(emu.cfg, emu.tokenizer, ids, emu.cfg.model.vision.image_size).batch(
@@ -183,7 +189,7 @@ def generate_text(emu: LoadedEmu, requests: List[Request], settings: TextSetting
         raise GenerationInputError(f"min_new_tokens {settings.min_new_tokens}: only {max_new} positions are left "
                                    f"after the prompt (model.llm.max_position_embeddings {positions})")
     n = len(requests)
-    strategy = (BeamSearch if settings.num_beams > 1 else TokenPicker)(settings, n, ids, device)
+    strategy = strategy_cls(settings, n, ids, device)
     session = LLMSession(model.llm, n, batch.input_ids.shape[1] + max_new, use_cache=settings.use_cache)
     hidden = session.feed(model.embed(batch), batch.segment_ids >= 0)[-1]
     session.reorder(strategy.rows)
