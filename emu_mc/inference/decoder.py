@@ -72,8 +72,10 @@ class VisualDecoder:
         """The size the UNet was built for: sample_size x the VAE's downsampling (512 for SD v1.5)."""
         return self.unet.config.sample_size * self.vae_scale
 
-    def prepare_latents(self, count: int, height: int, width: int, seed: int) -> torch.Tensor:
-        """Initial noise [count, C, height / f, width / f]; row i drawn from seed + i."""
+    def prepare_latents(self, count: int, height: int, width: int, seed: int, steps: int) -> torch.Tensor:
+        """Initial noise [count, C, height / f, width / f] for a `steps`-step schedule; row i drawn from
+        seed + i."""
+        self.scheduler.set_timesteps(steps, device=self.unet.device)  # Euler's initial sigma depends on it
         shape = (self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(count)]
         return torch.stack(noise).to(self.unet.device, self.unet.dtype) * self.scheduler.init_noise_sigma
@@ -81,7 +83,7 @@ class VisualDecoder:
     def denoise(self, latents: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
                 guidance_scale: float, steps: int) -> torch.Tensor:
         """The sampling loop; with `uncond`, both branches run in one UNet batch and are combined as
-        uncond + guidance_scale * (cond - uncond)."""
+        uncond + guidance_scale * (cond - uncond). Restarts the scheduler (PNDM keeps history)."""
         states = cond if uncond is None else torch.cat([uncond, cond])
         states = states.to(self.unet.device, self.unet.dtype)
         self.scheduler.set_timesteps(steps, device=self.unet.device)
@@ -120,7 +122,7 @@ class VisualDecoder:
                 raise GenerationInputError(f"{name} {value}: must be a multiple of {self.vae_scale} for this decoder")
         self.scheduler = _load_scheduler(self.directory, settings.scheduler) \
             if _scheduler_name(self.scheduler) != settings.scheduler else self.scheduler
-        latents = self.prepare_latents(cond.shape[0], height, width, settings.seed)
+        latents = self.prepare_latents(cond.shape[0], height, width, settings.seed, settings.steps)
         latents = self.denoise(latents, cond, uncond, settings.guidance_scale, settings.steps)
         images, flags = self.check_safety(self.decode_latents(latents))
         return [(im * 255).round().astype(np.uint8) for im in images], flags
