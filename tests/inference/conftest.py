@@ -1,6 +1,7 @@
 """Fixtures for the generation tests: a random tiny Emu (fp32, CPU), image files, a tiny decoder and a
 real pretraining checkpoint (one step of the tiny config on synthetic data, in this process)."""
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -59,5 +60,10 @@ def tiny_run(tmp_path_factory, single_process_world):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cfg = load_config(os.path.join(root, TINY_CONFIG), ["--data.kind", "synthetic", "--train.steps", "1",
                                                         "--train.out_dir", out_dir])
-    train(cfg)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train(cfg)
+    finally:  # train() installs its checkpoint-on-signal handlers
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return out_dir
