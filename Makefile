@@ -18,8 +18,16 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+DEMO := runs/tiny
 demo: env
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) emu_mc/pretrain.py --config configs/tiny.yaml
+	@# what the tiny model writes and draws (noise: it is tiny and random, but the whole path runs)
+	$(PY) -m emu_mc.inference.tiny_decoder $(DEMO)/tiny_decoder --config configs/tiny.yaml
+	tar -xf data/sample/image_text/laion-000000.tar -C $(DEMO) chelsea.jpg
+	$(PY) -m emu_mc.generate --checkpoint $(DEMO) --image $(DEMO)/chelsea.jpg --prompt "a photo of" \
+		--num-beams 5 --length-penalty 0 --max-new-tokens 20 --out $(DEMO)/generated/caption.jsonl
+	$(PY) -m emu_mc.generate --checkpoint $(DEMO) --mode image --prompt "a cat sitting on a wooden table" \
+		--decoder $(DEMO)/tiny_decoder --steps 10 --out $(DEMO)/generated/image.jsonl
 
 test: env
 	$(PY) -m pytest tests -q -ra

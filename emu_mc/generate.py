@@ -161,7 +161,8 @@ def run(args) -> int:
     records = [{"id": r.id if r.id is not None else i, "mode": r.mode, "prompt": r.prompt, **result}
                for i, (r, result) in enumerate(zip(requests, results))]
     for record in records:
-        print(f"[{record['id']}] {record['text'] if record['mode'] == 'text' else record['image']}")
+        what = f"text: {record['text']}" if record["mode"] == "text" else f"image: {record['image']}"
+        print(f"[{record['id']}] {what}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -3,6 +3,7 @@ demo: its UNet's cross_attention_dim is the given LLM width, so Emu's regressed 
 directly. The images it makes are noise; the whole image path runs on a CPU in seconds.
 
     python -m emu_mc.inference.tiny_decoder OUT_DIR --cross-attention-dim 64 [--sample-size 16]
+    python -m emu_mc.inference.tiny_decoder OUT_DIR --config configs/tiny.yaml   # width = model.llm.hidden_size
 """
 import argparse
 import sys
@@ -33,10 +34,20 @@ def write_tiny_decoder(out_dir: str, cross_attention_dim: int, sample_size: int 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
-    parser.add_argument("--cross-attention-dim", type=int, required=True, help="the LLM width (model.llm.hidden_size)")
+    width = parser.add_mutually_exclusive_group(required=True)
+    width.add_argument("--cross-attention-dim", type=int, help="the LLM width (model.llm.hidden_size)")
+    width.add_argument("--config", help="a job config (YAML) whose model.llm.hidden_size to match")
     parser.add_argument("--sample-size", type=int, default=16, help="latent size; images are twice as large")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.config:
+        from emu_mc.config import ConfigError, load_config
+
+        try:
+            args.cross_attention_dim = load_config(args.config).model.llm.hidden_size
+        except (ConfigError, OSError) as err:
+            print(f"tiny_decoder: --config {args.config}: {err}", file=sys.stderr)
+            return 2
     if args.cross_attention_dim < 1 or args.sample_size < 4:
         print("tiny_decoder: --cross-attention-dim must be >= 1 and --sample-size >= 4", file=sys.stderr)
         return 2
