@@ -144,3 +144,33 @@ def test_processors_penalise_repeats_and_suppress_special_tokens():
     assert out[:4].tolist() == [1.0, -2.0, 3.0, 0.5]
     assert out[[4, 6, 7, 8, 9]].isneginf().all() and out[5] == 1.0  # eos allowed once min_new_tokens is met
     assert process_logits(logits, seen, 0, TextSettings(min_new_tokens=1), ids)[0, 5].isneginf()
+
+
+def test_prompt_layout_follows_the_training_path(tiny_emu, image_files, tmp_path):
+    """Markers place files; files without a marker go first; a video is frames_per_video image blocks;
+    the prompt is left open (no eos) and left-padded."""
+    import numpy as np
+
+    from tests.data.helpers import encode_video
+
+    emu, ids = tiny_emu, tiny_emu.ids
+    paths, _ = image_files
+    video = tmp_path / "clip.webm"
+    video.write_bytes(encode_video(np.random.default_rng(0).integers(0, 256, (6, 32, 48, 3), dtype=np.uint8)))
+    builder = PromptBuilder(emu.cfg, emu.tokenizer, ids, emu.cfg.model.vision.image_size)
+    batch = builder.batch([Request("what happens in {video}?", images=[paths[0]], videos=[str(video)]),
+                           Request("hi")], 200)
+    frames = emu.cfg.data.frames_per_video
+    assert batch.images.shape[0] == 1 + frames
+    row = batch.input_ids[0].tolist()
+    assert row[0] == ids.bos and row[1] == ids.img_begin and ids.eos not in row
+    assert row.count(ids.img_begin) == 1 + frames
+    text_before_video = row.index(ids.img_begin, 2) - (emu.cfg.model.resampler.num_queries + 3)
+    assert text_before_video > 0  # "what happens in" sits between the leading image and the video
+    short = batch.input_ids[1].tolist()
+    pads = short.index(ids.bos)
+    assert pads > 0 and short[:pads] == [ids.pad] * pads and ids.pad not in short[pads:]
+    assert (batch.segment_ids[1] == -1).sum() == pads and batch.position_ids[1, pads:].tolist() == list(
+        range(len(short) - pads))
+    out = generate_text(emu, [Request("{video} shows", videos=[str(video)])], TextSettings(max_new_tokens=3))
+    assert len(out[0].tokens) == 3
