@@ -102,3 +102,25 @@ def test_exit_code_from_the_command_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "missing.png: no such file" in proc.stderr
+
+
+@pytest.mark.slow
+def test_checkpoint_written_with_tensor_parallel_2(tmp_path, tokenizer):
+    """A TP = 2 run's checkpoint loads into one process: the loaded model's loss on the run's second
+    batch equals the loss the run logged for it (step 2 trains from the step-1 weights saved)."""
+    from emu_mc.config import load_config
+    from emu_mc.data.loader import SyntheticLoader
+    from tests.conftest import TINY_CONFIG
+    from tests.torchrun_utils import torchrun
+
+    out = tmp_path / "tp2"
+    args = ["--config", TINY_CONFIG, "--data.kind", "synthetic", "--train.out_dir", out, "--train.steps", 2,
+            "--train.checkpoint_every", 1, "--parallel.tensor_parallel", 2]
+    torchrun("emu_mc/pretrain.py", args, nproc=2, timeout=600)
+    step_2_loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[1])["loss"]
+    emu = load_emu(str(out / "checkpoints" / "step_000001"))
+    loader = SyntheticLoader(load_config(REPO_ROOT / TINY_CONFIG, ["--data.kind", "synthetic"]), tokenizer, dp_rank=0)
+    next(loader)
+    with torch.no_grad():
+        loss = emu.model(next(loader))["loss"]
+    assert float(loss) == pytest.approx(step_2_loss, abs=1e-5)
