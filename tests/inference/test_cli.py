@@ -119,7 +119,8 @@ def test_checkpoint_written_with_tensor_parallel_2(tmp_path, tokenizer):
     torchrun("emu_mc/pretrain.py", args, nproc=2, timeout=600)
     step_2_loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[1])["loss"]
     emu = load_emu(str(out / "checkpoints" / "step_000001"))
-    loader = SyntheticLoader(load_config(REPO_ROOT / TINY_CONFIG, ["--data.kind", "synthetic"]), tokenizer, dp_rank=0)
+    cfg = load_config(REPO_ROOT / TINY_CONFIG, ["--data.kind", "synthetic"])
+    loader = SyntheticLoader(cfg, tokenizer, dp_rank=0)
     next(loader)
     with torch.no_grad():
         loss = emu.model(next(loader))["loss"]
