@@ -5,12 +5,14 @@
         --image a.jpg --image b.jpg --num-beams 5 --length-penalty 0
     python -m emu_mc.generate --checkpoint runs/tiny --mode image --prompt "a cat" --decoder sd-emu/ --out out.jsonl
     python -m emu_mc.generate --checkpoint runs/tiny --requests requests.jsonl --out out.jsonl
+    torchrun --nproc_per_node=8 -m emu_mc.generate --checkpoint runs/emu14b --requests r.jsonl --out out.jsonl  # TP 8
 
 Prompt syntax: `{image}` / `{video}` mark where the next --image / --video file goes; files without a
 marker go before the text. A requests file holds one JSON object per line: {"prompt": str,
 "images": [paths], "videos": [paths], "mode": "text" | "image", "id": any}; relative paths are read
 from the requests file's directory. Results go to stdout and, with --out, to a JSONL file (one line per
-request, in order); images are written as PNG files (--image-dir, default: beside --out).
+request, in order); images are written as PNG files (--image-dir, default: beside --out). Under torchrun the
+LLM is tensor-parallel over all processes; rank 0 runs the diffusion decoder and writes the results.
 Bad input (a missing or unreadable file, a prompt longer than the model's positions, a checkpoint
 directory without a model, a decoder that does not fit the model, a bad setting) is one line on stderr
 and exit code 2.
@@ -130,7 +132,10 @@ def collect_requests(args) -> List[Request]:
 def run(args) -> int:
     import torch
 
-    from emu_mc.inference import VisualDecoder, generate_images, generate_text, load_emu
+    import torch.distributed as dist
+
+    from emu_mc.inference import VisualDecoder, generate_text, load_emu
+    from emu_mc.inference.image import image_conditions
 
     text_settings, image_settings = settings_from(args)
     requests = collect_requests(args)
@@ -141,6 +146,7 @@ def run(args) -> int:
     if any(r.mode == "image" for r in requests):
         decoder = VisualDecoder.load(args.decoder, emu.cfg.model.llm.hidden_size, device=emu.device,
                                      dtype=emu.dtype)
+    first = dist.get_rank() == 0
     image_dir = args.image_dir or (os.path.dirname(os.path.abspath(args.out)) if args.out else "generated")
     results = [None] * len(requests)
     for mode in ("text", "image"):
@@ -154,10 +160,15 @@ def run(args) -> int:
                                   **({"score": out.score} if out.score is not None else {})}
             else:
                 settings = ImageSettings(**{**image_settings.__dict__, "seed": image_settings.seed + start})
-                images, nsfw = generate_images(emu, decoder, batch, settings)
+                cond, uncond = image_conditions(emu, batch, settings)  # every TP rank
+                if not first:
+                    continue
+                images, nsfw = decoder(cond, uncond, settings)
                 for k, (i, pixels) in enumerate(zip(chunk, images)):
                     results[i] = {"image": save_png(pixels, image_dir, requests[i].id or f"image_{i:04d}"),
                                   "seed": settings.seed + k, **({"nsfw": nsfw[k]} if nsfw is not None else {})}
+    if not first:
+        return 0
     records = [{"id": r.id if r.id is not None else i, "mode": r.mode, "prompt": r.prompt, **result}
                for i, (r, result) in enumerate(zip(requests, results))]
     for record in records:
@@ -191,12 +202,10 @@ def main(argv=None) -> int:
     ours = not dist.is_initialized()  # called from Python with a world already set up: leave it be
     try:
         return run(args)
-    except GenerationInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except CheckpointLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (GenerationInputError, CheckpointLoadError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same bad input
+            print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, GenerationInputError) else 1
     finally:
         if ours:
             from emu_mc.parallel.groups import destroy_distributed

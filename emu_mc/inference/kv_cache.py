@@ -1,4 +1,5 @@
-"""Incremental LLM forward with a key/value cache, for generation (TP = PP = 1).
+"""Incremental LLM forward with a key/value cache, for generation (PP = 1; any TP: the cache holds this
+rank's key/value heads, megatron's parallel linears do the communication).
 
 The training forward (`emu_mc.model.llm.llm_hidden_states`) recomputes every position. Here each
 megatron TransformerLayer is run piece by piece with its own modules (norms, fused QKV projection,
@@ -70,7 +71,7 @@ class KVCache:
 
 
 def new_cache(llm, batch: int, capacity: int, dtype=None, device=None) -> KVCache:
-    """An empty KVCache for `llm` (a megatron GPTModel, whole model on this rank)."""
+    """An empty KVCache for `llm` (a megatron GPTModel with all its layers on this rank)."""
     cfg = llm.config
     attn = llm.decoder.layers[0].self_attention
     weight = attn.linear_qkv.weight

@@ -1,8 +1,9 @@
-"""A trained Emu for generation, from a pretraining checkpoint (emu_mc/checkpoint.py), in one process.
+"""A trained Emu for generation, from a pretraining checkpoint (emu_mc/checkpoint.py): in one process, or
+under torchrun with tensor parallelism over all its processes (TP = world size, PP = 1).
 
 Accepted paths: a run's `train.out_dir`, its `checkpoints/` directory (both resolve `latest`), or one
 `step_N/` directory. The config saved in the checkpoint's meta.json rebuilds the model; megatron-core
-dist_checkpointing reshards whatever TP x PP layout wrote it into TP = PP = 1. Weights load in the
+dist_checkpointing reshards whatever TP x PP layout wrote it into this layout. Weights load in the
 dtype the run trained in, then move to the device and dtype asked for (bf16 on CUDA by default).
 """
 import logging
@@ -22,7 +23,7 @@ log = logging.getLogger("emu_mc.inference")
 
 @dataclass
 class LoadedEmu:
-    model: "torch.nn.Module"  # EmuModel, eval mode, whole model (TP = PP = 1)
+    model: "torch.nn.Module"  # EmuModel, eval mode, all layers (PP = 1); the LLM sharded when TP > 1
     cfg: Config  # the run's config, as saved in the checkpoint
     tokenizer: object
     ids: SpecialTokenIds
@@ -75,19 +76,18 @@ def load_emu(path: str, *, tokenizer: Optional[str] = None, device: Optional[tor
     except (ConfigError, FileNotFoundError, KeyError) as err:
         raise GenerationInputError(f"{step_dir}/meta.json: {err} (--tokenizer DIR points at a moved tokenizer)") \
             from None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise GenerationInputError("generation runs in one process (TP = PP = 1); run it without torchrun")
-    init_distributed(1, 1, seed=cfg.train.seed)
+    tp = int(os.environ.get("WORLD_SIZE", "1"))
+    init_distributed(tp, 1, seed=cfg.train.seed)
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     saved_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     ids = special_token_ids(tok)
-    model = EmuModel(cfg.model, ids, len(tok), params_dtype=saved_dtype)
+    model = EmuModel(cfg.model, ids, len(tok), tp=tp, params_dtype=saved_dtype)
     state, _, _ = checkpointer.load(step_dir, {"model": model.sharded_state_dict()}, same_layout=False)
     model.load_state_dict(state["model"])
     model = model.to(device=device, dtype=dtype).eval()
-    log.info("loaded %s (step %s, written by TP %s x PP %s) on %s in %s", step_dir, meta.get("step"),
-             meta.get("tp"), meta.get("pp"), device, dtype)
+    log.info("loaded %s (step %s, written by TP %s x PP %s) into TP %d on %s in %s", step_dir, meta.get("step"),
+             meta.get("tp"), meta.get("pp"), tp, device, dtype)
     return LoadedEmu(model, cfg, tok, ids, step_dir)
 
 

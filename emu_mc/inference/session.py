@@ -44,5 +44,11 @@ def token_inputs(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Final-norm hidden [B, H] -> next-token logits [B, V] fp32 (the padding rows of the vocab cut off)."""
-    return (hidden @ output_weight(model.llm).t()).float()[:, :model.vocab_size]
+    """Final-norm hidden [B, H] -> next-token logits [B, V] fp32 (the padding rows of the vocab cut off),
+    the same on every TP rank (each computes its vocab shard, then they are gathered)."""
+    logits = hidden @ output_weight(model.llm).t()
+    if model.tp_size > 1:
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        logits = gather_from_tensor_model_parallel_region(logits)
+    return logits.float()[:, :model.vocab_size]

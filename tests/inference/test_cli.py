@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from emu_mc.generate import main
+from emu_mc.generate import main, read_requests
 from emu_mc.inference import Request, TextSettings, generate_text, load_emu
 from tests.torchrun_utils import REPO_ROOT, child_env
 
@@ -105,9 +105,10 @@ def test_exit_code_from_the_command_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_written_with_tensor_parallel_2(tmp_path, tokenizer):
+def test_tensor_parallel_2_checkpoint_and_generation(tmp_path, tokenizer, image_files):
     """A TP = 2 run's checkpoint loads into one process: the loaded model's loss on the run's second
-    batch equals the loss the run logged for it (step 2 trains from the step-1 weights saved)."""
+    batch equals the loss the run logged for it (step 2 trains from the step-1 weights saved). And
+    generation under torchrun with TP = 2 writes the tokens one process writes."""
     from emu_mc.config import load_config
     from emu_mc.data.loader import SyntheticLoader
     from tests.conftest import TINY_CONFIG
@@ -125,3 +126,18 @@ def test_checkpoint_written_with_tensor_parallel_2(tmp_path, tokenizer):
     with torch.no_grad():
         loss = emu.model(next(loader))["loss"]
     assert float(loss) == pytest.approx(step_2_loss, abs=1e-5)
+
+    paths, _ = image_files
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"prompt": "{image} a photo of", "images": [paths[0]]}) + "\n" +
+                        json.dumps({"prompt": "The dog runs"}) + "\n")
+    # beam search: logits gathered over the vocab shards, rows reordered in every rank's cache
+    settings = ["--checkpoint", emu.checkpoint, "--requests", requests, "--max-new-tokens", 6, "--num-beams", 3,
+                "--out", tmp_path / "tp2.jsonl"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "emu_mc.generate", *map(str, settings)],
+                          cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    generated = [json.loads(line)["tokens"] for line in (tmp_path / "tp2.jsonl").read_text().splitlines()]
+    single = generate_text(emu, read_requests(str(requests)), TextSettings(max_new_tokens=6, num_beams=3))
+    assert generated == [r.tokens for r in single]
