@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(0)
+    setup_logging(int(os.environ.get("RANK", "0")))
     ours = not dist.is_initialized()  # called from Python with a world already set up: leave it be
     try:
         return run(args)

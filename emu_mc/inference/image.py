@@ -5,7 +5,7 @@ branch is the same loop on an empty prompt.
 
 Shapes: B rows, Q = num_queries, H LLM width.
 """
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -51,8 +51,9 @@ def image_conditions(emu: LoadedEmu, requests: List[Request], settings: ImageSet
 
 
 def generate_images(emu: LoadedEmu, decoder, requests: List[Request],
-                    settings: Optional[ImageSettings] = None) -> List[np.ndarray]:
-    """One image per request: uint8 [height, width, 3] arrays. Request i uses seed settings.seed + i."""
+                    settings: Optional[ImageSettings] = None) -> Tuple[List[np.ndarray], Optional[List[bool]]]:
+    """One image per request (uint8 [height, width, 3]; request i uses seed settings.seed + i), and the
+    safety checker's flags (None without one)."""
     settings = (settings or ImageSettings()).validate()
     cond, uncond = image_conditions(emu, requests, settings)
     return decoder(cond, uncond, settings)
