@@ -76,3 +76,12 @@ def test_image_size_and_seed(tiny_emu, decoder, scheduler):
 def test_native_size_by_default(tiny_emu, decoder):
     images, _ = generate_images(tiny_emu, decoder, [Request("a cat")], ImageSettings(steps=1, guidance_scale=1.0))
     assert images[0].shape == (decoder.native_size, decoder.native_size, 3) == (16, 16, 3)
+
+
+def test_safety_checker_runs_when_present(tiny_emu, tmp_path):
+    from emu_mc.inference.tiny_decoder import write_tiny_decoder
+
+    directory = write_tiny_decoder(str(tmp_path / "checked"), cross_attention_dim=64, sample_size=8, safety_checker=True)
+    checked = VisualDecoder.load(directory, llm_width=64)
+    images, nsfw = generate_images(tiny_emu, checked, [Request("a cat")], ImageSettings(steps=1, guidance_scale=1.0))
+    assert nsfw == [False] and images[0].shape == (16, 16, 3)
