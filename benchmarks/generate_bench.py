@@ -157,7 +157,8 @@ def format_table(rows) -> str:
     for batch in sorted({r["batch"] for r in rows}):
         pair = {r["kv_cache"]: r for r in rows if r["batch"] == batch}
         if len(pair) == 2:
-            lines.append(f"batch {batch}: KV cache speed-up {pair[False]['text_s'] / pair[True]['text_s']:.2f}x (text), "
+            lines.append(f"batch {batch}: KV cache speed-up {pair[False]['text_s'] / pair[True]['text_s']:.2f}x "
+                         f"(text), "
                          f"{pair[False]['regress_s'] / pair[True]['regress_s']:.2f}x (image regression)")
     return "\n".join(lines)
 

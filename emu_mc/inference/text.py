@@ -141,7 +141,8 @@ class BeamSearch:
                     if rank < k:
                         self._add(b, self.sequences[b * k + beam[b][rank]].tolist() + [self.ids.eos], top[b][rank])
                     continue
-                new_scores[b, live], new_tokens[b, live], new_beams[b, live] = top[b][rank], token[b][rank], beam[b][rank]
+                new_scores[b, live], new_tokens[b, live] = top[b][rank], token[b][rank]
+                new_beams[b, live] = beam[b][rank]
                 live += 1
                 if live == k:
                     break
@@ -205,6 +206,7 @@ def decode(emu: LoadedEmu, requests: List[Request], settings: TextSettings, stra
         seen[torch.arange(len(tokens), device=device), tokens] = True
         if strategy.finished or step + 1 == max_new:
             break
-        hidden = session.feed(token_inputs(model, tokens[:, None]), torch.ones_like(tokens[:, None], dtype=torch.bool))[-1]
+        new = tokens[:, None]
+        hidden = session.feed(token_inputs(model, new), torch.ones_like(new, dtype=torch.bool))[-1]
     return [TextResult(tokens, emu.tokenizer.decode(tokens, skip_special_tokens=True), "eos" if eos else "length",
                        score) for tokens, score, eos in strategy.results()]

@@ -17,7 +17,8 @@ def test_regression_loop_equals_teacher_forced_forward(tiny_emu, image_files, us
     sequence (prompt, [IMG], the fed-back embeddings in the <image> slots), left-padded rows, fp32."""
     emu, model = tiny_emu, tiny_emu.model
     paths, _ = image_files
-    requests = [Request("{image} the same cat, drawn", images=[paths[0]]), Request("a red brick building with many windows"),
+    requests = [Request("{image} the same cat, drawn", images=[paths[0]]),
+                Request("a red brick building with many windows"),
                 Request("")]
     batch = PromptBuilder(emu.cfg, emu.tokenizer, emu.ids, emu.cfg.model.vision.image_size).batch(requests, 200)
     regressed = regress_embeddings(model, batch, use_cache=use_cache)  # [B, Q, H]
@@ -81,7 +82,8 @@ def test_native_size_by_default(tiny_emu, decoder):
 def test_safety_checker_runs_when_present(tiny_emu, tmp_path):
     from emu_mc.inference.tiny_decoder import write_tiny_decoder
 
-    directory = write_tiny_decoder(str(tmp_path / "checked"), cross_attention_dim=64, sample_size=8, safety_checker=True)
+    directory = write_tiny_decoder(str(tmp_path / "checked"), cross_attention_dim=64, sample_size=8,
+                                   safety_checker=True)
     checked = VisualDecoder.load(directory, llm_width=64)
     images, nsfw = generate_images(tiny_emu, checked, [Request("a cat")], ImageSettings(steps=1, guidance_scale=1.0))
     assert nsfw == [False] and images[0].shape == (16, 16, 3)
