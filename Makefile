@@ -25,8 +25,16 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install -q -e ".[dev]"
 	echo "TORCH_SPEC=$(TORCH_SPEC)" > $@
 
+DEMO := runs/tiny
 demo: env
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) emu_mc/pretrain.py --config configs/tiny.yaml
+	@# what the tiny model writes and draws (noise: it is tiny and random, but the whole path runs)
+	$(PY) -m emu_mc.inference.tiny_decoder $(DEMO)/tiny_decoder --config configs/tiny.yaml
+	tar -xf data/sample/image_text/laion-000000.tar -C $(DEMO) chelsea.jpg
+	$(PY) -m emu_mc.generate --checkpoint $(DEMO) --image $(DEMO)/chelsea.jpg --prompt "a photo of" \
+		--num-beams 5 --length-penalty 0 --max-new-tokens 20 --out $(DEMO)/generated/caption.jsonl
+	$(PY) -m emu_mc.generate --checkpoint $(DEMO) --mode image --prompt "a cat sitting on a wooden table" \
+		--decoder $(DEMO)/tiny_decoder --steps 10 --out $(DEMO)/generated/image.jsonl
 
 # The DALI extra (~1 GB of CUDA libraries) only for the tests, so CI (`.ci/run` = `make test`) runs the
 # DALI CPU decoder tests; EMU_MC_EXPECT_DALI makes them fail rather than skip if DALI is missing.

@@ -97,7 +97,8 @@ class DocumentBuilder:
                     return plan, True
         return plan, False
 
-    def build(self, segments: List[Segment], drop_bad_images: bool) -> Document:
+    def build(self, segments: List[Segment], drop_bad_images: bool, end_with_eos: bool = True) -> Document:
+        """segments -> Document. `end_with_eos=False` leaves the document open (a generation prompt)."""
         items: List[Tuple[str, object]] = []
         for seg in segments:
             if isinstance(seg, Text):
@@ -155,9 +156,10 @@ class DocumentBuilder:
             else:
                 tokens.extend(self.block * what)
                 images.append(pixels[i][:what] if kind == "video" else pixels[i][None])
-        tokens.append(self.ids.eos)
-        if len(tokens) == 2:
+        if len(tokens) == 1:
             reason = CORRUPT_IMAGE if dropped.get(CORRUPT_IMAGE) else EMPTY_DOCUMENT
             raise SampleError(reason, f"nothing left of the document (dropped images: {dict(dropped)})")
+        if end_with_eos:
+            tokens.append(self.ids.eos)
         stacked = torch.cat(images) if images else torch.zeros(0, 3, self.decoder.size, self.decoder.size)
         return Document(tokens, stacked, truncated, dropped, paths)

@@ -1,0 +1,94 @@
+"""A trained Emu for generation, from a pretraining checkpoint (emu_mc/checkpoint.py): in one process, or
+under torchrun with tensor parallelism over all its processes (TP = world size, PP = 1).
+
+Accepted paths: a run's `train.out_dir`, its `checkpoints/` directory (both resolve `latest`), or one
+`step_N/` directory. The config saved in the checkpoint's meta.json rebuilds the model; megatron-core
+dist_checkpointing reshards whatever TP x PP layout wrote it into this layout. Weights load in the
+dtype the run trained in, then move to the device and dtype asked for (bf16 on CUDA by default).
+"""
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from emu_mc.checkpoint import Checkpointer, CheckpointLoadError
+from emu_mc.config import Config, ConfigError, config_from_dict
+from emu_mc.inference.settings import GenerationInputError
+from emu_mc.tokenizer import SpecialTokenIds, load_tokenizer, special_token_ids
+
+log = logging.getLogger("emu_mc.inference")
+
+
+@dataclass
+class LoadedEmu:
+    model: "torch.nn.Module"  # EmuModel, eval mode, all layers (PP = 1); the LLM sharded when TP > 1
+    cfg: Config  # the run's config, as saved in the checkpoint
+    tokenizer: object
+    ids: SpecialTokenIds
+    checkpoint: str  # the step directory read
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.regress_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.regress_head.weight.dtype
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run directory, its checkpoints/ directory or a step directory -> the step directory."""
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
+        return Checkpointer(path, keep=1).latest()
+    if os.path.basename(os.path.normpath(path)) == "checkpoints" and os.path.isfile(os.path.join(path, "latest")):
+        return Checkpointer(os.path.dirname(os.path.normpath(path)), keep=1).latest()
+    raise GenerationInputError(
+        f"--checkpoint {path}: no model there (expected a pretraining run's out_dir, its checkpoints/ "
+        "directory with `latest`, or a step_N/ directory with meta.json)")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_emu(path: str, *, tokenizer: Optional[str] = None, device: Optional[torch.device] = None,
+             dtype: Optional[torch.dtype] = None) -> LoadedEmu:
+    """Load the model (and tokenizer) of the checkpoint at `path` for generation.
+
+    `tokenizer` overrides the run's model.tokenizer (a run moved to another machine). Default device:
+    CUDA when available; default dtype: bf16 on CUDA, fp32 on CPU. Raises GenerationInputError for a
+    path without a model, CheckpointLoadError for a damaged one."""
+    from emu_mc.model.emu import EmuModel
+    from emu_mc.parallel.groups import init_distributed
+
+    step_dir = resolve_checkpoint(path)
+    checkpointer = Checkpointer(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), keep=1)
+    meta = checkpointer.read_meta(step_dir)
+    try:
+        cfg = config_from_dict(meta["config"])
+        if tokenizer:
+            cfg.model.tokenizer = tokenizer
+        tok = load_tokenizer(cfg.model.tokenizer)
+    except (ConfigError, FileNotFoundError, KeyError) as err:
+        raise GenerationInputError(f"{step_dir}/meta.json: {err} (--tokenizer DIR points at a moved tokenizer)") \
+            from None
+    tp = int(os.environ.get("WORLD_SIZE", "1"))
+    init_distributed(tp, 1, seed=cfg.train.seed)
+    device = device or default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    saved_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    ids = special_token_ids(tok)
+    model = EmuModel(cfg.model, ids, len(tok), tp=tp, params_dtype=saved_dtype)
+    state, _, _ = checkpointer.load(step_dir, {"model": model.sharded_state_dict()}, same_layout=False)
+    model.load_state_dict(state["model"])
+    model = model.to(device=device, dtype=dtype).eval()
+    log.info("loaded %s (step %s, written by TP %s x PP %s) into TP %d on %s in %s", step_dir, meta.get("step"),
+             meta.get("tp"), meta.get("pp"), tp, device, dtype)
+    return LoadedEmu(model, cfg, tok, ids, step_dir)
+
+
+__all__ = ["LoadedEmu", "load_emu", "resolve_checkpoint", "CheckpointLoadError"]

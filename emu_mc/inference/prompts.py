@@ -1,0 +1,115 @@
+"""Requests -> left-padded prompt batches, through the training path's tokenisation and placeholder
+expansion (emu_mc.data.document.DocumentBuilder, emu_mc.batch.Batch): one code path for both.
+
+Prompt syntax: `{image}` and `{video}` mark where the request's next image / video file goes, in
+order; files without a marker go before the text (the captioning layout: image, then prompt). A video
+becomes `data.frames_per_video` uniformly sampled frames, one image block each, as in training.
+"""
+import os
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from emu_mc.batch import Batch
+from emu_mc.data.decode import make_decoder
+from emu_mc.data.document import DocumentBuilder, make_encoder
+from emu_mc.data.errors import TOO_LONG, SampleError
+from emu_mc.data.sources import Image, Segment, Text, Video
+from emu_mc.inference.settings import GenerationInputError
+
+_MARKER = re.compile(r"\{(image|video)\}")
+
+
+@dataclass
+class Request:
+    prompt: str = ""
+    images: List[str] = field(default_factory=list)  # file paths, consumed by {image} markers in order
+    videos: List[str] = field(default_factory=list)
+    mode: str = "text"  # text | image
+    id: Optional[str] = None
+
+
+def _read(path: str, kind: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise GenerationInputError(f"{kind} {path}: cannot read it ({err.strerror or err})") from None
+
+
+def request_segments(request: Request) -> List[Segment]:
+    """The request as the data pipeline's segments (Text / Image / Video, files read)."""
+    files = {"image": list(request.images), "video": list(request.videos)}
+    markers = _MARKER.findall(request.prompt)
+    for kind in ("image", "video"):
+        if markers.count(kind) > len(files[kind]):
+            raise GenerationInputError(f"prompt {request.prompt!r}: {markers.count(kind)} {{{kind}}} markers but "
+                                       f"{len(files[kind])} {kind} file(s)")
+    leading = {kind: files[kind][:len(files[kind]) - markers.count(kind)] for kind in files}
+    files = {kind: files[kind][len(leading[kind]):] for kind in files}
+
+    def media(kind: str, path: str) -> Segment:
+        return (Image if kind == "image" else Video)(_read(path, kind), path)
+
+    segments: List[Segment] = [media(k, p) for k in ("image", "video") for p in leading[k]]
+    for i, piece in enumerate(_MARKER.split(request.prompt)):
+        if i % 2 == 0:
+            if piece:
+                segments.append(Text(piece))
+        else:
+            segments.append(media(piece, files[piece].pop(0)))
+    return segments
+
+
+class PromptBuilder:
+    """Requests -> a left-padded Batch, built by the training DocumentBuilder (no eos: the prompt stays
+    open). `max_length` is the longest prompt allowed (the model's positions less the room to generate)."""
+
+    def __init__(self, cfg, tokenizer, ids, image_size: int):
+        self.cfg, self.ids = cfg, ids
+        self.encode = make_encoder(tokenizer, ids)
+        self.decoder = make_decoder("cpu", image_size)
+
+    def document(self, request: Request, max_length: int):
+        """(token ids [bos, ...], images float32 [N, 3, s, s]) of one request."""
+        builder = DocumentBuilder(self.encode, self.ids, num_queries=self.cfg.model.resampler.num_queries,
+                                  seq_length=max_length + 1, frames_per_video=self.cfg.data.frames_per_video,
+                                  decoder=self.decoder, overlong="skip")
+        segments = request_segments(request)
+        if not segments:
+            return [self.ids.bos], torch.zeros(0, 3, self.decoder.size, self.decoder.size)
+        try:
+            doc = builder.build(segments, drop_bad_images=False, end_with_eos=False)
+        except SampleError as err:
+            if err.reason == TOO_LONG:
+                raise GenerationInputError(
+                    f"prompt {request.prompt[:60]!r}: longer than the {max_length} tokens the model's "
+                    f"{self.cfg.model.llm.max_position_embeddings} positions leave for it") from None
+            raise GenerationInputError(f"prompt {request.prompt[:60]!r}: {err.message}") from None
+        return doc.tokens, doc.images
+
+    def batch(self, requests: List[Request], max_length: int) -> Batch:
+        """Left-padded Batch: input_ids [B, S] (pad on the left), position_ids from 0 at each row's first
+        token, segment_ids 0 on tokens and -1 on padding, images stacked in order."""
+        docs = [self.document(r, max_length) for r in requests]
+        length = max(len(tokens) for tokens, _ in docs)
+        input_ids = torch.full((len(docs), length), self.ids.pad, dtype=torch.long)
+        segment_ids = torch.full((len(docs), length), -1, dtype=torch.long)
+        position_ids = torch.zeros((len(docs), length), dtype=torch.long)
+        for row, (tokens, _) in enumerate(docs):
+            n = len(tokens)
+            input_ids[row, length - n:] = torch.tensor(tokens)
+            segment_ids[row, length - n:] = 0
+            position_ids[row, length - n:] = torch.arange(n)
+        images = torch.cat([imgs for _, imgs in docs])
+        return Batch(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids, images=images)
+
+
+def check_media_files(request: Request) -> None:
+    """Fail fast, before the model loads, on files that do not exist."""
+    for kind, paths in (("image", request.images), ("video", request.videos)):
+        for path in paths:
+            if not os.path.isfile(path):
+                raise GenerationInputError(f"{kind} {path}: no such file")
