@@ -8,12 +8,21 @@ Layout under `<out_dir>/checkpoints/`:
 A checkpoint is written as `step_N.tmp/`, flushed to disk (fsync) and renamed only after every rank
 has finished, then `latest` is replaced atomically (os.replace): a crash mid-save, or a power loss
 after it, never leaves a half-written latest.
+
+A stop signal must not break the save it triggers. Sent to a worker's process group (SLURM
+preemption, a harness's timeout), SIGTERM also reaches megatron's writer helpers: the spawned
+multiprocessing Manager that carries their results (it dies: BrokenPipeError / ConnectionRefusedError)
+and the processes it forks to write the files. So the results travel through an in-process queue (the
+save is synchronous: written and read in this process) and the forked writers ignore SIGTERM and
+SIGINT (`_shield_writers`).
 """
 import json
 import logging
 import os
 import random
+import queue
 import shutil
+import signal
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -128,6 +137,30 @@ def load_training_state(model_chunks, optimizer, state: Dict[str, Any]) -> None:
                     param_state["step"] = torch.full_like(param_state["step"], group["step"])
 
 
+_saving = False  # set while this process writes a checkpoint: the writers it forks ignore stop signals
+
+
+def _ignore_stop_signals_while_saving() -> None:
+    if _saving:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _shield_writers() -> None:
+    """Keep megatron-core's synchronous checkpoint writers alive under SIGTERM / SIGINT.
+
+    Its results queue (`filesystem_async._results_queue`, a module global created on first use) is by
+    default a proxy to a spawned Manager process that a signal to the process group kills; a plain
+    queue.Queue serves as well, since a synchronous save puts and gets in this process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+os.register_at_fork(after_in_child=_ignore_stop_signals_while_saving)
+
+
 class Checkpointer:
     def __init__(self, out_dir: str, keep: int):
         self.root = os.path.join(out_dir, "checkpoints")
@@ -160,7 +193,13 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         dist.barrier()
-        dist_checkpointing.save(sharded_state_dict, tmp)
+        global _saving
+        _shield_writers()
+        _saving = True
+        try:
+            dist_checkpointing.save(sharded_state_dict, tmp)
+        finally:
+            _saving = False
         torch.save(rank_state, os.path.join(tmp, f"rank_{rank:05d}.pt"))
         dist.barrier()
         if rank == 0:

@@ -2,6 +2,7 @@
 the bundled sample data — training, checkpoints, kill -9 + resume, SIGTERM, guard rails."""
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -155,6 +156,31 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     resumed = torchrun(PRETRAIN, pretrain_args(out, "--train.steps", stopped_at + 2), nproc=2, timeout=600)
     assert f"at step {stopped_at}" in resumed.stdout
     assert sorted(read_metrics(out)) == list(range(1, stopped_at + 3))
+
+
+def test_sigterm_to_the_process_groups_after_a_checkpoint_writes_the_stop_checkpoint(tmp_path, uninterrupted):
+    """Preemption after a checkpoint exists: SIGTERM to each worker's whole process group (megatron's
+    checkpoint-writer helpers included) still writes the stop checkpoint, and the rerun resumes from
+    it exactly."""
+    out = tmp_path / "run"
+    proc = start(out, *RESUME_ARGS, "--train.checkpoint_every", 3)
+    wait_for_step(proc, out, 6)
+    assert latest_checkpoint_step(out) >= 3
+    for worker in psutil.Process(proc.pid).children():
+        os.killpg(os.getpgid(worker.pid), signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, Path(f"{out}.log").read_text()[-4000:]
+    log = Path(f"{out}.log").read_text()
+    assert "Traceback" not in log, log[-4000:]
+    stopped_at = max(read_metrics(out))
+    assert latest_checkpoint_step(out) == stopped_at > 3
+
+    resumed = torchrun(PRETRAIN, pretrain_args(out, *RESUME_ARGS), nproc=2, timeout=600)
+    assert f"at step {stopped_at}" in resumed.stdout
+    metrics = read_metrics(out)
+    assert sorted(metrics) == list(range(1, 21))
+    for step in range(1, 21):
+        for key in ("loss", "grad_norm"):
+            assert metrics[step][key] == pytest.approx(uninterrupted[step][key], rel=LOSS_RTOL), (step, key)
 
 
 def test_ctrl_c_checkpoints_and_exits_cleanly(tmp_path):
