@@ -135,6 +135,7 @@ class DataConfig:
     # A sample not read and decoded this many seconds after the loader starts waiting for it is skipped
     # (reason "timeout"; its thread is abandoned); when every worker thread is stuck the run stops with
     # an error. 0 = wait forever. Needs num_workers >= 1 (the calling thread cannot be abandoned).
+    # A shard not opened and indexed within it (a FIFO, a hung mount) counts as unreadable (any num_workers).
     sample_timeout_s: float = 120.0
     # Stop with an error once more than this fraction of the samples read were skipped as bad,
     # checked after `failure_check_after` samples.
