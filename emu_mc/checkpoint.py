@@ -241,28 +241,33 @@ class Checkpointer:
         rank = dist.get_rank()
         final = os.path.join(self.root, self._name(step))
         tmp = final + ".tmp"
-        try:
+
+        def make_tmp():
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
                 os.makedirs(tmp)
-            dist.barrier()
+
+        def write():
             self._write_shards(sharded_state_dict, tmp)
             torch.save(rank_state, os.path.join(tmp, f"rank_{rank:05d}.pt"))
-            error = None
-        except (Exception, _checkpoint_exception()) as err:
-            if _caused_by(err, lambda e: isinstance(e, KeyboardInterrupt)):  # torch wraps it: keep it immediate
-                raise KeyboardInterrupt from None
-            error = self._save_failed(step, err)
-        if rank == 0 and error is None:
-            try:
-                self._publish(step, tmp, final, meta)
-            except OSError as err:
-                error = self._save_failed(step, err)
-        error = first_error(error)
-        if error is not None:
+
+        def publish():
             if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointSaveError(error)
+                self._publish(step, tmp, final, meta)
+
+        for phase in (make_tmp, write, publish):  # each ends in a collective: all ranks go on, or all stop
+            error = None
+            try:
+                phase()
+            except (Exception, _checkpoint_exception()) as err:
+                if _caused_by(err, lambda e: isinstance(e, KeyboardInterrupt)):  # torch wraps it: keep it immediate
+                    raise KeyboardInterrupt from None
+                error = self._save_failed(step, err)
+            error = first_error(error)
+            if error is not None:
+                if rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointSaveError(error)
         return final
 
     @staticmethod
@@ -297,7 +302,7 @@ class Checkpointer:
     def _save_failed(self, step: int, error: BaseException) -> str:
         """One line saying why checkpoint `step` was not written and which one is still the latest."""
         pointer = os.path.join(self.root, "latest")
-        previous = open(pointer).read().strip() if os.path.exists(pointer) else None
+        previous = open(pointer, errors="replace").read().strip() if os.path.exists(pointer) else None
         still = f"{previous} is still the latest" if previous else "no earlier checkpoint exists"
         if _caused_by(error, _is_disk_full):
             return (f"no space left on the device of {self.root} while writing {self._name(step)}; {still}; "

@@ -45,19 +45,33 @@ class RunStopped(RuntimeError):
 
 class StopRequest:
     """Set by SIGTERM or a first SIGINT (Ctrl-C): the loop checkpoints and exits cleanly at the end of
-    the current step. A second SIGINT interrupts at once (KeyboardInterrupt), without a checkpoint."""
+    the current step. A second SIGINT interrupts at once (KeyboardInterrupt), without a checkpoint.
+
+    Python runs a handler once for several deliveries of a signal that arrive while the main thread
+    is inside one C call (a long matmul or collective): two Ctrl-C would count as one. So deliveries
+    are counted from the wakeup pipe, where the interpreter writes one byte per delivery."""
 
     def __init__(self):
         self.requested = False
-        self.interrupted = False
+        self.interrupts = 0
+        self._deliveries, wakeup = os.pipe()
+        for fd in (self._deliveries, wakeup):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wakeup)
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
+    def _delivered(self, signum: int) -> int:
+        try:
+            return max(os.read(self._deliveries, 4096).count(signum), 1)
+        except BlockingIOError:
+            return 1
+
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
-            if self.interrupted:
+            self.interrupts += self._delivered(signum)
+            if self.interrupts >= 2:
                 raise KeyboardInterrupt
-            self.interrupted = True
         self.requested = True
         log.warning("%s received: checkpointing after this step, then exiting%s", signal.Signals(signum).name,
                     " (Ctrl-C again to interrupt without a checkpoint)" if signum == signal.SIGINT else "")
@@ -148,7 +162,8 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     counters = {"skipped_steps": 0, "nonfinite_in_a_row": 0}
     optimizer_format = optimizer_checkpoint_format(cfg.train.optimizer_checkpoint)
     when = f"every {cfg.train.checkpoint_every} steps, " if cfg.train.checkpoint_every else ""
-    log.info("checkpoints: %s %sat the end and on SIGTERM, keeping %d; optimizer state %s", checkpointer.root,
+    when += "at the end and " if cfg.train.save_final else "not at the end (train.save_final false), "
+    log.info("checkpoints: %s %son SIGTERM, keeping %d; optimizer state %s", checkpointer.root,
              when, cfg.train.keep_checkpoints, optimizer_format)
 
     def save(step: int) -> None:
