@@ -35,7 +35,8 @@ def run_variant(config, nproc, steps, extra, out_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
         else [sys.executable]
     cmd += [os.path.join(ROOT, "emu_mc", "pretrain.py"), "--config", config, "--train.steps", str(steps),
-            "--train.out_dir", out_dir, "--train.checkpoint_every", "0", "--train.log_every", str(steps)] + extra
+            "--train.out_dir", out_dir, "--train.checkpoint_every", "0", "--train.save_final", "false",
+            "--train.log_every", str(steps)] + extra
     subprocess.run(cmd, check=True, cwd=ROOT)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

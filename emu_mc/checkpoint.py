@@ -8,12 +8,22 @@ Layout under `<out_dir>/checkpoints/`:
 A checkpoint is written as `step_N.tmp/`, flushed to disk (fsync) and renamed only after every rank
 has finished, then `latest` is replaced atomically (os.replace): a crash mid-save, or a power loss
 after it, never leaves a half-written latest.
+
+A stop signal must not break the save it triggers. Sent to a worker's process group (SLURM
+preemption, a harness's timeout), SIGTERM also reaches megatron's writer helpers: the spawned
+multiprocessing Manager that carries their results (it dies: BrokenPipeError / ConnectionRefusedError)
+and the processes it forks to write the files. So the results travel through an in-process queue (the
+save is synchronous: written and read in this process) and the forked writers ignore SIGTERM and
+SIGINT (`_shield_writers`).
 """
+import errno
 import json
 import logging
 import os
 import random
+import queue
 import shutil
+import signal
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -25,6 +35,43 @@ log = logging.getLogger("emu_mc.checkpoint")
 
 class CheckpointLoadError(RuntimeError):
     """The latest checkpoint cannot be read (damaged or incomplete files)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the previous one is still the latest."""
+
+
+# Model fields a run may change on resume: they set no parameter shape or meaning (freezing, paths,
+# kernels, dropout, loss weights, RoPE's position limit). Any other change of `model` is refused.
+RESUMABLE_MODEL_FIELDS = ("tokenizer", "init_std", "vision.freeze", "vision.init_from", "resampler.freeze",
+                          "resampler.dropout", "resampler.attention_impl", "llm.freeze", "llm.init_from",
+                          "llm.max_position_embeddings", "loss.ce_weight", "loss.reg_weight", "loss.impl")
+
+
+def _flatten(tree: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_same_model(path: str, meta: Dict[str, Any], model: Dict[str, Any], vocab_size: int) -> None:
+    """Refuse (ConfigError) to resume checkpoint `path` into another model: `model` is this run's
+    config_to_dict(cfg)["model"], compared with the one saved in `meta`, field by field."""
+    from emu_mc.config import ConfigError
+
+    saved, current = _flatten(meta["config"]["model"], "model."), _flatten(model, "model.")
+    skip = {f"model.{name}" for name in RESUMABLE_MODEL_FIELDS}
+    differ = [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
+              for k in sorted(set(saved) | set(current)) if k not in skip and saved.get(k) != current.get(k)]
+    if meta.get("vocab_size", vocab_size) != vocab_size:
+        differ.append(f"tokenizer vocabulary: checkpoint {meta['vocab_size']} tokens, this run {vocab_size}")
+    if differ:
+        raise ConfigError(f"{path} holds another model ({'; '.join(differ)}). Resume with the checkpoint's model "
+                          "config, or set another train.out_dir to start afresh")
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -128,6 +175,30 @@ def load_training_state(model_chunks, optimizer, state: Dict[str, Any]) -> None:
                     param_state["step"] = torch.full_like(param_state["step"], group["step"])
 
 
+_saving = False  # set while this process writes a checkpoint: the writers it forks ignore stop signals
+
+
+def _ignore_stop_signals_while_saving() -> None:
+    if _saving:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _shield_writers() -> None:
+    """Keep megatron-core's synchronous checkpoint writers alive under SIGTERM / SIGINT.
+
+    Its results queue (`filesystem_async._results_queue`, a module global created on first use) is by
+    default a proxy to a spawned Manager process that a signal to the process group kills; a plain
+    queue.Queue serves as well, since a synchronous save puts and gets in this process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+os.register_at_fork(after_in_child=_ignore_stop_signals_while_saving)
+
+
 class Checkpointer:
     def __init__(self, out_dir: str, keep: int):
         self.root = os.path.join(out_dir, "checkpoints")
@@ -137,49 +208,107 @@ class Checkpointer:
     def _name(step: int) -> str:
         return f"step_{step:06d}"
 
+    def _present(self) -> str:
+        done = sorted(d for d in os.listdir(self.root) if d.startswith("step_") and not d.endswith(".tmp"))
+        return ", ".join(done) or "none"
+
+    def _unreadable(self, what: str) -> CheckpointLoadError:
+        return CheckpointLoadError(
+            f"{what}. To resume from a checkpoint, write its name into {os.path.join(self.root, 'latest')} "
+            f"(present: {self._present()}); to start afresh, use another train.out_dir")
+
     def latest(self) -> Optional[str]:
-        """Path of the newest complete checkpoint, or None."""
+        """Path of the newest complete checkpoint, or None. Raises CheckpointLoadError when `latest`
+        does not name a checkpoint directory here."""
         pointer = os.path.join(self.root, "latest")
         if not os.path.exists(pointer):
             return None
-        with open(pointer) as f:
-            path = os.path.join(self.root, f.read().strip())
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{pointer} names {path}, which does not exist")
-        return path
+        with open(pointer, "rb") as f:
+            raw = f.read()
+        try:
+            name = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            name = ""
+        if not name.startswith("step_") or os.sep in name or not os.path.isdir(os.path.join(self.root, name)):
+            raise self._unreadable(f"{pointer} holds {raw[:40]!r}, which names no checkpoint directory in {self.root}")
+        return os.path.join(self.root, name)
 
     def save(self, step: int, sharded_state_dict: Dict[str, Any], rank_state: Dict[str, Any],
              meta: Dict[str, Any]) -> str:
-        """Collective: every rank calls it. Returns the final checkpoint path."""
-        from megatron.core import dist_checkpointing
-
+        """Collective: every rank calls it. Returns the final checkpoint path. Raises
+        CheckpointSaveError on every rank when any rank could not write its part (the partial
+        `step_N.tmp` is removed; the previous checkpoint stays the latest)."""
         rank = dist.get_rank()
         final = os.path.join(self.root, self._name(step))
         tmp = final + ".tmp"
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        dist.barrier()
-        dist_checkpointing.save(sharded_state_dict, tmp)
-        torch.save(rank_state, os.path.join(tmp, f"rank_{rank:05d}.pt"))
-        dist.barrier()
-        if rank == 0:
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump({"step": step, "world_size": dist.get_world_size(), **meta}, f, indent=1, default=str)
-            _fsync_tree(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            pointer_tmp = os.path.join(self.root, "latest.tmp")
-            with open(pointer_tmp, "w") as f:
-                f.write(self._name(step))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(pointer_tmp, os.path.join(self.root, "latest"))
-            _fsync_dir(self.root)
-            self._prune()
-            log.info("saved checkpoint %s", final)
-        dist.barrier()
+
+        def make_tmp():
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+
+        def write():
+            self._write_shards(sharded_state_dict, tmp)
+            torch.save(rank_state, os.path.join(tmp, f"rank_{rank:05d}.pt"))
+
+        def publish():
+            if rank == 0:
+                self._publish(step, tmp, final, meta)
+
+        for phase in (make_tmp, write, publish):  # each ends in a collective: all ranks go on, or all stop
+            error = None
+            try:
+                phase()
+            except (Exception, _checkpoint_exception()) as err:
+                if _caused_by(err, lambda e: isinstance(e, KeyboardInterrupt)):  # torch wraps it: keep it immediate
+                    raise KeyboardInterrupt from None
+                error = self._save_failed(step, err)
+            error = first_error(error)
+            if error is not None:
+                if rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointSaveError(error)
         return final
+
+    @staticmethod
+    def _write_shards(sharded_state_dict: Dict[str, Any], tmp: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        global _saving
+        _shield_writers()
+        _saving = True
+        try:
+            dist_checkpointing.save(sharded_state_dict, tmp)
+        finally:
+            _saving = False
+
+    def _publish(self, step: int, tmp: str, final: str, meta: Dict[str, Any]) -> None:
+        """Rank 0, once every rank's part is in `tmp`: meta.json, fsync, rename, point `latest` at it."""
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"step": step, "world_size": dist.get_world_size(), **meta}, f, indent=1, default=str)
+        _fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer_tmp = os.path.join(self.root, "latest.tmp")
+        with open(pointer_tmp, "w") as f:
+            f.write(self._name(step))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, os.path.join(self.root, "latest"))
+        _fsync_dir(self.root)
+        self._prune()
+        log.info("saved checkpoint %s", final)
+
+    def _save_failed(self, step: int, error: BaseException) -> str:
+        """One line saying why checkpoint `step` was not written and which one is still the latest."""
+        pointer = os.path.join(self.root, "latest")
+        previous = open(pointer, errors="replace").read().strip() if os.path.exists(pointer) else None
+        still = f"{previous} is still the latest" if previous else "no earlier checkpoint exists"
+        if _caused_by(error, _is_disk_full):
+            return (f"no space left on the device of {self.root} while writing {self._name(step)}; {still}; "
+                    "free space (or lower train.keep_checkpoints) and rerun")
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        return f"cannot write checkpoint {self._name(step)} in {self.root} ({type(error).__name__}: {cause}); {still}"
 
     def _prune(self) -> None:
         done = sorted(d for d in os.listdir(self.root) if d.startswith("step_") and not d.endswith(".tmp"))
@@ -187,8 +316,15 @@ class Checkpointer:
             shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
 
     def read_meta(self, path: str) -> Dict[str, Any]:
-        with open(os.path.join(path, "meta.json")) as f:
-            return json.load(f)
+        """The checkpoint's meta.json. Raises CheckpointLoadError when it is missing or damaged."""
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                meta = json.load(f)
+            if not isinstance(meta, dict) or not {"step", "tp", "pp", "dp", "config"} <= set(meta):
+                raise ValueError("not a checkpoint's meta.json")
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise self._unreadable(f"cannot load checkpoint {path} (meta.json: {type(err).__name__}: {err})") from None
+        return meta
 
     def load(self, path: str, sharded_state_dict: Dict[str, Any], same_layout: bool):
         """Collective. Returns (loaded state dict, this rank's rank_state or None, meta).
@@ -196,22 +332,67 @@ class Checkpointer:
         Model and optimizer reshard; the per-rank data-loader and RNG states come back only when the
         checkpoint was written by the same TP x PP x DP layout (`same_layout`), else None."""
         from megatron.core import dist_checkpointing
-        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
         meta = self.read_meta(path)
+        state = rank_state = error = None
         try:
             state = dist_checkpointing.load(sharded_state_dict, path)
-            rank_state = None
             if same_layout:
                 rank_state = torch.load(os.path.join(path, f"rank_{dist.get_rank():05d}.pt"), weights_only=False)
-        except (Exception, CheckpointException) as err:
-            others = sorted(d for d in os.listdir(self.root) if d.startswith("step_") and not d.endswith(".tmp"))
-            cause = (str(err).strip().splitlines() or [type(err).__name__])[-1]  # torch's lists a traceback per rank
-            raise CheckpointLoadError(
-                f"cannot load checkpoint {path} ({cause}). To resume from an older one, "
-                f"write its name into {os.path.join(self.root, 'latest')} (present: {', '.join(others)}); "
-                "to start afresh, use another train.out_dir") from err
+        except (Exception, _checkpoint_exception()) as err:
+            error = (str(err).strip().splitlines() or [type(err).__name__])[-1]  # torch's lists a traceback per rank
+        error = first_error(error)
+        if error is not None:
+            raise self._unreadable(f"cannot load checkpoint {path} ({error})")
         return state, rank_state, meta
+
+
+def _checkpoint_exception() -> type:
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    return CheckpointException
+
+
+def any_rank(flag: bool) -> bool:
+    """Collective (a barrier too): True when `flag` is set on any rank."""
+    from emu_mc.parallel.setup import device
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def first_error(message: Optional[str]) -> Optional[str]:
+    """Collective: the first rank's error message (naming the rank when there are several), or None
+    when no rank has one. So a failure on one rank stops all of them together."""
+    if not any_rank(message is not None):
+        return None
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    rank, first = next((r, m) for r, m in enumerate(messages) if m is not None)
+    return first if len(messages) == 1 else f"{first} (rank {rank})"
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    # an OSError from megatron's writer processes reaches this one as the text of a RuntimeError
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or f"[Errno {errno.ENOSPC}]" in str(error)
+
+
+def _caused_by(error: BaseException, match) -> bool:
+    """Whether `match(e)` holds for `error` or an exception behind it: its cause / context chain and,
+    for torch's CheckpointException, the per-rank failures it carries."""
+    seen, todo = set(), [error]
+    while todo:
+        err = todo.pop()
+        if not isinstance(err, BaseException) or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if match(err):
+            return True
+        failures = getattr(err, "failures", None)  # rank -> (exception, traceback summary)
+        todo += [err.__cause__, err.__context__, *err.args]
+        todo += [pair[0] for pair in (failures.values() if isinstance(failures, dict) else ()) if pair]
+    return False
 
 
 def _fsync_tree(root: str) -> None:

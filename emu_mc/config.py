@@ -142,6 +142,7 @@ class DataConfig:
     # A sample not read and decoded this many seconds after the loader starts waiting for it is skipped
     # (reason "timeout"; its thread is abandoned); when every worker thread is stuck the run stops with
     # an error. 0 = wait forever. Needs num_workers >= 1 (the calling thread cannot be abandoned).
+    # A shard not opened and indexed within it (a FIFO, a hung mount) counts as unreadable (any num_workers).
     sample_timeout_s: float = 120.0
     # Stop with an error once more than this fraction of the samples read were skipped as bad,
     # checked after `failure_check_after` samples.
@@ -222,6 +223,9 @@ class TrainConfig:
     # Recompute the vision side in backward: each ViT block and the resampler (activation checkpointing).
     recompute_vision: bool = False
     profile_step: int = 0  # > 0: profile that step (torch.profiler) into out_dir/profile_step<N>_rank<R>.txt
+    # Write a checkpoint when train.steps is reached (off for benchmarks: no minute-long save at the
+    # end); checkpoint_every and the stop checkpoint on SIGTERM / Ctrl-C are unaffected.
+    save_final: bool = True
 
 
 @dataclass
@@ -246,11 +250,17 @@ class Config:
                  "empty when model.llm.init_from or model.vision.init_from is set (one source of weights)")
         _require(self.data.seq_length <= llm.max_position_embeddings, "data.seq_length",
                  f"<= model.llm.max_position_embeddings ({llm.max_position_embeddings})")
-        _require(self.data.seq_length >= r.num_queries + 3, "data.seq_length",
-                 f">= {r.num_queries + 3} (one image block: [IMG] + num_queries x <image> + [/IMG] + 1)")
+        _require(self.data.seq_length >= r.num_queries + 4, "data.seq_length",
+                 f">= {r.num_queries + 4} (<s> + one image block: [IMG] + num_queries x <image> + [/IMG] + </s>)")
         for name in ("tensor_parallel", "pipeline_parallel", "num_microbatches"):
             _require(getattr(self.parallel, name) >= 1, f"parallel.{name}", ">= 1")
         _check_stage_layers(self.parallel, llm.num_layers)
+        tp = self.parallel.tensor_parallel
+        _require(llm.num_attention_heads % tp == 0, "model.llm.num_attention_heads",
+                 f"divisible by parallel.tensor_parallel ({tp})")
+        if llm.num_query_groups is not None:
+            _require(llm.num_query_groups % tp == 0, "model.llm.num_query_groups",
+                     f"divisible by parallel.tensor_parallel ({tp}) (each TP rank holds whole key/value groups)")
         _require(0.0 <= r.dropout < 1.0, "model.resampler.dropout", "in [0, 1)")
         _require(0.0 <= self.data.max_failure_fraction <= 1.0, "data.max_failure_fraction", "in [0, 1]")
         d = self.data
@@ -296,6 +306,27 @@ def _check_stage_layers(p: ParallelConfig, num_layers: int) -> None:
     _require(ok, "parallel.llm_layers_first_stage",
              f"such that the other {middle_layers} of model.llm.num_layers ({num_layers}) split evenly over the "
              f"{middle_stages} other stage(s) (parallel.llm_layers_last_stage: {last})")
+
+
+# A typical document of each source kind: image blocks (video_text: one per sampled frame) plus about
+# this many text tokens (a short caption, a paragraph chunk, a subtitle) plus <s> and </s>.
+_TYPICAL_TEXT_TOKENS = 16
+
+
+def document_fit_warnings(cfg: Config) -> List[str]:
+    """One line per source whose typical document does not fit in data.seq_length: such a run would
+    drop most documents (empty_document) or their images, a few steps in. Empty when all fit."""
+    d, block = cfg.data, cfg.model.resampler.num_queries + 2
+    blocks = {"image_text": 1, "interleaved": 1, "video_text": d.frames_per_video, "video_interleaved": 1}
+    warnings = []
+    for i, src in enumerate(d.sources if d.kind == "webdataset" else []):
+        need = 2 + blocks[src.kind] * block + _TYPICAL_TEXT_TOKENS
+        if src.weight > 0 and d.seq_length < need:
+            warnings.append(f"data.seq_length {d.seq_length} cannot hold a typical {src.kind} document of "
+                            f"data.sources[{i}] ({blocks[src.kind]} image block(s) of {block} tokens + ~"
+                            f"{_TYPICAL_TEXT_TOKENS} text tokens + <s></s> = {need}): most of its documents will "
+                            f"be dropped or lose their images; raise data.seq_length to >= {need}")
+    return warnings
 
 
 def _require(ok: bool, name: str, allowed: str) -> None:
@@ -389,12 +420,23 @@ def parse_overrides(args: Sequence[str]) -> Dict[str, Any]:
             key, raw = arg[2:].split("=", 1)
             i += 1
         else:
-            if i + 1 >= len(args):
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise ConfigError(f"override {arg}: missing value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        out[key] = yaml.safe_load(raw)
+        out[key] = _yaml(raw, f"override --{key}")
     return out
+
+
+def _yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, its syntax errors as one-line ConfigErrors naming `where` and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}:{at}: YAML syntax error: {problem}") from None
 
 
 def config_from_dict(tree: Dict[str, Any]) -> Config:
@@ -406,7 +448,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     tree: Dict[str, Any] = {}
     if path is not None:
         with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+            tree = _yaml(f.read(), path) or {}
     for key, value in parse_overrides(list(overrides)).items():
         _set_dotted(tree, key, value)
     return config_from_dict(tree)

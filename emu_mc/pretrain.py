@@ -29,23 +29,51 @@ from emu_mc.profiling import maybe_profile
 log = logging.getLogger("emu_mc.pretrain")
 
 
+# Exit codes: 0 done (or stopped by a signal, with its checkpoint); 1 the run stopped (damaged or
+# unwritable checkpoint, unusable data, divergence); 2 bad config or user input (nothing was changed);
+# 130 interrupted by a second Ctrl-C (no checkpoint). Each is reported as one line, by rank 0.
+EXIT_STOPPED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
+NO_IMAGE_STEPS = 10  # steps in a row without an image after which the run warns (reg is not training)
+
+
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row (train.max_consecutive_nonfinite)."""
 
 
+class RunStopped(RuntimeError):
+    """An error on some rank (e.g. DataError) that every rank stops for; the message is that rank's."""
+
+
 class StopRequest:
     """Set by SIGTERM or a first SIGINT (Ctrl-C): the loop checkpoints and exits cleanly at the end of
-    the current step. A second SIGINT interrupts at once (KeyboardInterrupt), without a checkpoint."""
+    the current step. A second SIGINT interrupts at once (KeyboardInterrupt), without a checkpoint.
+
+    Python runs a handler once for several deliveries of a signal that arrive while the main thread
+    is inside one C call (a long matmul or collective): two Ctrl-C would count as one. So deliveries
+    are counted from the wakeup pipe, where the interpreter writes one byte per delivery."""
 
     def __init__(self):
         self.requested = False
+        self.interrupts = 0
+        self._deliveries, wakeup = os.pipe()
+        for fd in (self._deliveries, wakeup):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wakeup)
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
+    def _delivered(self, signum: int) -> int:
+        try:
+            return max(os.read(self._deliveries, 4096).count(signum), 1)
+        except BlockingIOError:
+            return 1
+
     def _handle(self, signum, frame):
-        self.requested = True
         if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.interrupts += self._delivered(signum)
+            if self.interrupts >= 2:
+                raise KeyboardInterrupt
+        self.requested = True
         log.warning("%s received: checkpointing after this step, then exiting%s", signal.Signals(signum).name,
                     " (Ctrl-C again to interrupt without a checkpoint)" if signum == signal.SIGINT else "")
 
@@ -125,8 +153,8 @@ def train(cfg: Config) -> dict:
 
 
 def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: int) -> dict:
-    from emu_mc.checkpoint import (Checkpointer, capture_rng_state, load_training_state, optimizer_checkpoint_format,
-                                   restore_rng_state, training_state)
+    from emu_mc.checkpoint import (Checkpointer, any_rank, capture_rng_state, check_same_model, load_training_state,
+                                   optimizer_checkpoint_format, restore_rng_state, training_state)
     from emu_mc.metrics import RunLogger, device_peak_flops, flops_per_image, flops_per_token
     from emu_mc.parallel.setup import device, train_step, vision_seconds_per_tp_rank
     from emu_mc.schedule import decay_horizon, lr_at, schedule_change
@@ -136,18 +164,20 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     counters = {"skipped_steps": 0, "nonfinite_in_a_row": 0}
     optimizer_format = optimizer_checkpoint_format(cfg.train.optimizer_checkpoint)
     when = f"every {cfg.train.checkpoint_every} steps, " if cfg.train.checkpoint_every else ""
-    log.info("checkpoints: %s %sat the end and on SIGTERM, keeping %d; optimizer state %s", checkpointer.root,
+    when += "at the end and " if cfg.train.save_final else "not at the end (train.save_final false), "
+    log.info("checkpoints: %s %son SIGTERM, keeping %d; optimizer state %s", checkpointer.root,
              when, cfg.train.keep_checkpoints, optimizer_format)
 
     def save(step: int) -> None:
         checkpointer.save(step, training_state(model_chunks, optimizer, optimizer_format),
                           {"rng": capture_rng_state(), "data": loader.state_dict(), "counters": dict(counters)},
                           {"config": config_to_dict(cfg), "tp": dims.tp, "pp": dims.pp, "dp": dims.dp,
-                           "optimizer_format": optimizer_format})
+                           "optimizer_format": optimizer_format, "vocab_size": vocab_size})
 
     start_step, latest = 0, checkpointer.latest()
     if latest is not None:
         meta = checkpointer.read_meta(latest)
+        check_same_model(latest, meta, config_to_dict(cfg)["model"], vocab_size)
         layout, saved_layout = (dims.tp, dims.pp, dims.dp), (meta["tp"], meta["pp"], meta["dp"])
         _check_reshardable(meta.get("optimizer_format", optimizer_format), saved_layout, layout)
         state, rank_state, meta = checkpointer.load(
@@ -182,12 +212,12 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
         progress = tqdm(total=cfg.train.steps, initial=start_step, desc="pretrain", dynamic_ncols=True,
                         disable=not sys.stderr.isatty())
 
-    metrics = {}
+    metrics, steps_without_images = {}, 0
     try:
         for step in range(start_step, cfg.train.steps):
             lr = lr_at(step, cfg.optim, decay_horizon(cfg.optim, cfg.train.steps))
             t0 = time.perf_counter()
-            microbatches = [next(loader) for _ in range(cfg.parallel.num_microbatches)]
+            microbatches = _next_microbatches(loader, cfg.parallel.num_microbatches)
             t_data = time.perf_counter() - t0
             with maybe_profile(cfg.train.profile_step, step + 1, cfg.train.out_dir, rank):
                 out = train_step(model_chunks, optimizer, microbatches, lr)
@@ -222,13 +252,16 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
             if counters["nonfinite_in_a_row"] >= limit:
                 raise TrainingDiverged(f"{limit} consecutive non-finite steps (train.max_consecutive_nonfinite = "
                                        f"{limit}); stopping. Lower optim.lr or check the data.")
+            steps_without_images = 0 if images else steps_without_images + 1
+            if steps_without_images == NO_IMAGE_STEPS and rank == 0 and cfg.data.kind == "webdataset":
+                _warn_no_images(cfg, loader.stats())
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{out['loss']:.3f}")
 
-            last = step + 1 == cfg.train.steps
+            last = step + 1 == cfg.train.steps and cfg.train.save_final
             due = cfg.train.checkpoint_every > 0 and (step + 1) % cfg.train.checkpoint_every == 0
-            stopping = _any_rank(stop.requested, dev)
+            stopping = any_rank(stop.requested)
             if due or last or stopping:
                 save(step + 1)
             if stopping:
@@ -243,10 +276,34 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     return metrics
 
 
+def _next_microbatches(loader, count: int) -> list:
+    """`count` batches from the loader. Collective: when the loader fails on any rank (DataError),
+    every rank raises RunStopped with that rank's message, so none is left waiting in a collective."""
+    from emu_mc.checkpoint import first_error
+    from emu_mc.data import DataError
+
+    try:
+        batches, error = [next(loader) for _ in range(count)], None
+    except DataError as err:
+        batches, error = [], f"data: {err}"
+    error = first_error(error)
+    if error is not None:
+        raise RunStopped(error)
+    return batches
+
+
+def _warn_no_images(cfg: Config, stats: dict) -> None:
+    q = cfg.model.resampler.num_queries
+    log.warning("NO IMAGES in the last %d steps: the regression loss is not training. Images dropped by the loader: "
+                "%s; skipped samples: %s. An image needs data.seq_length (%d) >= %d tokens plus its text (<s>, "
+                "[IMG], %d x <image>, [/IMG], </s>); check data.seq_length and the sources", NO_IMAGE_STEPS,
+                stats.get("images_dropped", {}), stats.get("skipped", {}), cfg.data.seq_length, q + 4, q)
+
+
 def _check_reshardable(optimizer_format: str, saved, current) -> None:
     """dp_reshardable optimizer state reloads only into the same TP x PP (any DP)."""
     if optimizer_format == "dp_reshardable" and saved[:2] != current[:2]:
-        raise RuntimeError(
+        raise ConfigError(
             f"the latest checkpoint was written by TP {saved[0]} x PP {saved[1]} with dp_reshardable optimizer "
             f"state, which reloads only into the same TP x PP (any DP); this run is TP {current[0]} x PP "
             f"{current[1]}. Resume with that TP x PP, or write checkpoints with "
@@ -264,15 +321,10 @@ def _count_nonfinite(out: dict, step: int, counters: dict) -> None:
                 step + 1, out["loss"], out["grad_norm"], counters["nonfinite_in_a_row"])
 
 
-def _any_rank(flag: bool, device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def main(argv=None) -> int:
     from emu_mc.parallel.groups import ParallelDims
 
+    rank = int(os.environ.get("RANK", 0))
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -285,24 +337,39 @@ def main(argv=None) -> int:
         ParallelDims(int(os.environ.get("WORLD_SIZE", 1)), cfg.parallel.tensor_parallel,
                      cfg.parallel.pipeline_parallel).check()
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    setup_logging(int(os.environ.get("RANK", 0)))
-    from emu_mc.checkpoint import CheckpointLoadError
+        return _report(rank, f"config error: {err}", EXIT_CONFIG)
+    setup_logging(rank)
+    from emu_mc.config import document_fit_warnings
+
+    for warning in document_fit_warnings(cfg) if rank == 0 else []:
+        log.warning("%s", warning)
+    return _run(cfg, rank)
+
+
+def _run(cfg: Config, rank: int) -> int:
+    """train(cfg), its expected failures as one line from rank 0 and an exit code (see EXIT_*)."""
+    from emu_mc.checkpoint import CheckpointLoadError, CheckpointSaveError
     from emu_mc.convert.errors import ConversionError
 
     try:
         train(cfg)
-    except (TrainingDiverged, CheckpointLoadError) as err:
-        log.error("%s", err)
-        return 1
-    except ConversionError as err:  # init_from weights that do not fit (caught before any step)
-        log.error("%s", err)
-        return 2
+    except (ConfigError, ConversionError) as err:  # ConversionError: init_from weights that do not fit
+        return _report(rank, f"config error: {err}", EXIT_CONFIG)
+    except (TrainingDiverged, CheckpointLoadError, CheckpointSaveError, RunStopped) as err:
+        return _report(rank, f"run stopped: {err}", EXIT_STOPPED)
+    except KeyboardInterrupt:
+        return _report(rank, "interrupted by a second Ctrl-C: no checkpoint written for the steps since the last one",
+                       EXIT_INTERRUPTED)
     finally:
         from emu_mc.parallel.groups import destroy_distributed
         destroy_distributed()
     return 0
+
+
+def _report(rank: int, message: str, code: int) -> int:
+    if rank == 0:
+        print(message, file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 MISSING_KEY = "missing_key"  # a required file of the sample is absent (e.g. no image, no caption)
 EMPTY_TEXT = "empty_text"  # the caption / all text chunks are empty
 BAD_JSON = "bad_json"  # metadata json unreadable or of the wrong shape
+NOT_UTF8 = "not_utf8"  # a text member (caption, subtitle) that is not UTF-8
 CORRUPT_IMAGE = "corrupt_image"  # image bytes that no decoder accepts (truncated, garbage)
 CORRUPT_VIDEO = "corrupt_video"  # video bytes that no decoder accepts, or no frames
 UNREADABLE_SAMPLE = "unreadable_sample"  # the sample's bytes could not be read from its shard

@@ -131,7 +131,8 @@ class WebDatasetLoader:
         shards = source_shards(cfg)
         self.sources = [i for i, src in enumerate(d.sources) if src.weight > 0]
         self.streams = [SourceStream(i, d.sources[i].kind, shards[i], seed=self.seed, dp_rank=dp_rank,
-                                     dp_size=dp_size, on_bad_shard=self._bad_shard) for i in self.sources]
+                                     dp_size=dp_size, on_bad_shard=self._bad_shard, open_timeout_s=d.sample_timeout_s)
+                        for i in self.sources]
         weights = np.array([d.sources[i].weight for i in self.sources], dtype=np.float64)
         self.cumulative = np.cumsum(weights / weights.sum())
         self.packer = Packer(d.seq_length, d.micro_batch_size, ids.pad, m.vision.image_size)
@@ -239,7 +240,7 @@ class WebDatasetLoader:
                             f"last: {key} in {path}: {error}")
 
     # -- state
-    def _positions(self) -> List[Tuple[int, int, int]]:
+    def _positions(self) -> List[Tuple[int, int, int, int]]:
         return [q[0][0] if q else s.position for s, q in zip(self.streams, self.pending)]
 
     def state_dict(self) -> Dict[str, Any]:
@@ -251,8 +252,9 @@ class WebDatasetLoader:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         _check_kind(state, "webdataset")
         if state["sources"] != self.sources:
-            raise ValueError(f"loader state is for sources {state['sources']} (weight > 0), "
-                             f"this loader reads {self.sources}: data.sources changed since the checkpoint")
+            raise ConfigError(f"data.sources: the checkpoint was written reading sources {state['sources']} (the "
+                              f"indexes of those with weight > 0), this run reads {self.sources}. Resume with the "
+                              "checkpoint's data.sources, or set another train.out_dir to start afresh")
         self.draws = int(state["draws"])
         self.counts = Counter(state["counts"])
         for stream, queue, position in zip(self.streams, self.pending, state["positions"]):

@@ -47,5 +47,6 @@ def unit_samples(index: ShardIndex, unit: Unit, *, seed: int, source: int, epoch
     return [refs[i] for i in perm]
 
 
-Position = Tuple[int, int, int]
-"""(epoch, unit index in the rank's list, sample index in the unit); sample -1 = unit not opened yet."""
+Position = Tuple[int, int, int, int]
+"""(epoch, unit index in the rank's list, sample index in the unit, fallback: 1 when the rank reads
+parts of the source's readable shards instead of its own units, emu_mc/data/stream.py)."""

@@ -9,6 +9,7 @@ import glob
 import os
 import re
 import tarfile
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -52,6 +53,7 @@ class ShardIndex:
     path: str
     samples: List[SampleRef]
     error: Optional[str] = None  # set when the shard was unreadable or cut short (samples = what was read)
+    timed_out: bool = False  # not indexed within the timeout: its thread may still be stuck
 
 
 def split_key(name: str) -> Optional[Tuple[str, str]]:
@@ -90,6 +92,25 @@ def index_shard(path: str) -> ShardIndex:
     complete = _complete(samples, size)
     error = None if len(complete) == len(samples) else "truncated tar: the last sample's data is cut off"
     return ShardIndex(path, complete, error)
+
+
+def index_shard_within(path: str, timeout_s: float, skip: bool = False) -> ShardIndex:
+    """`index_shard(path)` given up after `timeout_s` seconds (0 = wait forever): opening a FIFO
+    nobody writes, or a file on a hung mount, blocks in the kernel, so the scan runs on a daemon
+    thread that is abandoned on timeout. `skip`: a shard that timed out before is not opened again."""
+    def timed_out() -> ShardIndex:
+        return ShardIndex(path, [], f"not opened and indexed within data.sample_timeout_s = {timeout_s:g} s "
+                                    "(a FIFO, or a hung filesystem?)", timed_out=True)
+
+    if skip:
+        return timed_out()
+    if timeout_s <= 0:
+        return index_shard(path)
+    result: List[ShardIndex] = []
+    thread = threading.Thread(target=lambda: result.append(index_shard(path)), name="emu-shard-index", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return result[0] if result else timed_out()
 
 
 def _complete(samples: List[SampleRef], size: int) -> List[SampleRef]:

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Union
 
-from emu_mc.data.errors import BAD_JSON, EMPTY_TEXT, MISSING_KEY, SampleError
+from emu_mc.data.errors import BAD_JSON, EMPTY_TEXT, MISSING_KEY, NOT_UTF8, SampleError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
@@ -72,7 +72,7 @@ def _utf8(data: bytes, ext: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SampleError(BAD_JSON, f"{ext} is not UTF-8 text: {e}") from None
+        raise SampleError(NOT_UTF8, f"{ext} is not UTF-8 text: {e}") from None
 
 
 def caption(files: Files) -> str:

@@ -1,17 +1,23 @@
 """One source's samples for one data-parallel rank, in the order of emu_mc/data/order.py, endlessly.
 
 `position` names the next sample to read as (epoch, unit index in the rank's list, sample index in
-the unit), so setting it back to a saved value replays the same samples. Epochs wrap with a new
-shuffle. Shards are indexed when first opened (a small cache keeps the recent indexes); an
+the unit, fallback), so setting it back to a saved value replays the same samples. Epochs wrap with
+a new shuffle. Shards are indexed when first opened (a small cache keeps the recent indexes); an
 unreadable or truncated shard is logged and counted, and contributes the samples that could be read.
+A shard not indexed within `open_timeout_s` (a FIFO, a hung network mount) counts as unreadable.
+
+When a whole epoch of this rank's units holds no readable sample, the rank falls back (fallback = 1)
+to reading parts of the source's readable shards, as a rank does when there are fewer shards than
+ranks: each readable shard cut into dp_size parts. So only a source with no readable shard at all
+stops the run (DataError).
 """
 import logging
 from collections import OrderedDict
-from typing import Callable, List, Tuple
+from typing import Callable, List, Set, Tuple
 
 from emu_mc.data.errors import DataError
 from emu_mc.data.order import Position, Unit, rank_units, split_units, unit_samples
-from emu_mc.data.shards import SampleRef, ShardIndex, index_shard
+from emu_mc.data.shards import SampleRef, ShardIndex, index_shard_within
 
 log = logging.getLogger("emu_mc.data")
 _INDEX_CACHE = 8  # shard indexes kept in memory per stream
@@ -19,26 +25,61 @@ _INDEX_CACHE = 8  # shard indexes kept in memory per stream
 
 class SourceStream:
     def __init__(self, source: int, kind: str, shards: List[str], *, seed: int, dp_rank: int, dp_size: int,
-                 on_bad_shard: Callable[[ShardIndex], None]):
+                 on_bad_shard: Callable[[ShardIndex], None], open_timeout_s: float = 0.0):
         self.source = source
         self.kind = kind
         self.seed = seed
         self.dp_rank = dp_rank
         self.dp_size = dp_size
-        self.units = split_units(shards, dp_size)
-        if not self.units:
+        self.shards = shards
+        self.own_units = split_units(shards, dp_size)
+        if not self.own_units:
             raise DataError(f"source {source} ({kind}): no shards")
+        self.units = self.own_units
+        self.fallback = 0
         self.on_bad_shard = on_bad_shard
-        self.position: Position = (0, 0, 0)
+        self.open_timeout_s = open_timeout_s
+        self._position: Position = (0, 0, 0, 0)
         self._indexes: "OrderedDict[str, ShardIndex]" = OrderedDict()
+        self._hung: Set[str] = set()  # shards whose index timed out: not opened again
         self._epoch_units: Tuple[int, List[Unit]] = (-1, [])
         self._unit_refs: Tuple[Tuple[int, int], List[SampleRef]] = ((-1, -1), [])
+
+    @property
+    def position(self) -> Position:
+        return self._position
+
+    @position.setter
+    def position(self, value) -> None:
+        """Also accepts the (epoch, unit, sample) positions of states saved before the fallback existed."""
+        value = tuple(value) + (0,) * (4 - len(value))
+        self._use_fallback(value[3])
+        self._position = value
+
+    def _use_fallback(self, fallback: int) -> None:
+        if fallback == self.fallback:
+            return
+        if fallback:
+            readable = [path for path in self.shards if self._index(path).samples]
+            if not readable:
+                raise DataError(f"source {self.source} ({self.kind}): no readable sample in any of its "
+                                f"{len(self.shards)} shard(s); see the shard errors above")
+            log.warning("data: source %d (%s): no readable sample in the shards of dp rank %d (of %d); it reads "
+                        "parts of the %d readable shard(s) instead", self.source, self.kind, self.dp_rank,
+                        self.dp_size, len(readable))
+            self.units = split_units(readable, self.dp_size * len(readable))  # dp_size parts of each
+        else:
+            self.units = self.own_units
+        self.fallback = fallback
+        self._epoch_units, self._unit_refs = (-1, []), ((-1, -1), [])
 
     def _index(self, path: str) -> ShardIndex:
         if path in self._indexes:
             self._indexes.move_to_end(path)
             return self._indexes[path]
-        index = index_shard(path)
+        index = index_shard_within(path, self.open_timeout_s, skip=path in self._hung)
+        if index.timed_out:
+            self._hung.add(path)
         if index.error is not None:
             self.on_bad_shard(index)
         self._indexes[path] = index
@@ -61,9 +102,10 @@ class SourceStream:
         return self._unit_refs[1]
 
     def next_ref(self) -> Tuple[str, SampleRef]:
-        """(shard path, sample) at `position`; advances `position`. Raises DataError when a whole
-        epoch of this rank's units holds no readable sample."""
-        epoch, u, s = self.position
+        """(shard path, sample) at `position`; advances `position`. Falls back (see the module
+        docstring) when a whole epoch of this rank's units holds no readable sample; raises DataError
+        when no shard of the source is readable."""
+        epoch, u, s, fallback = self._position
         empty_units = 0
         while True:
             units = self._units(epoch)
@@ -72,10 +114,14 @@ class SourceStream:
                 continue
             refs = self._refs(epoch, u)
             if s < len(refs):
-                self.position = (epoch, u, s + 1)
+                self._position = (epoch, u, s + 1, fallback)
                 return units[u].shard, refs[s]
             empty_units += s == 0
             if empty_units > len(units):
-                raise DataError(f"source {self.source} ({self.kind}): no readable sample in any shard of "
-                                f"dp rank {self.dp_rank} (of {self.dp_size}); see the shard errors above")
+                if fallback:
+                    raise DataError(f"source {self.source} ({self.kind}): no readable sample in any of its "
+                                    f"{len(self.shards)} shard(s); see the shard errors above")
+                fallback, u, s, empty_units = 1, 0, 0, 0
+                self._use_fallback(1)
+                continue
             u, s = u + 1, 0

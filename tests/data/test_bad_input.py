@@ -218,3 +218,75 @@ def test_shard_pattern_matching_no_file_is_a_config_error(tmp_path, tiny_cfg, to
     tiny_cfg.data.sources[1].shards = str(tmp_path / "nothing-{0..3}.tar")
     with pytest.raises(ConfigError, match=r"data.sources\[1\].shards: .* matches no existing file"):
         build_data_loader(tiny_cfg, tokenizer)
+
+
+def batch_texts(loader, tokenizer, special_ids, n):
+    return [tokenizer.decode(tokens) for _ in range(n) for tokens, _ in documents(next(loader), special_ids.img_begin)]
+
+
+@pytest.mark.parametrize("bad", ["not_a_tar", "missing"])
+def test_a_rank_whose_shards_are_unusable_reads_parts_of_the_readable_ones(tmp_path, data_cfg, tokenizer,
+                                                                          special_ids, caplog, bad):
+    """DP 2 over 4 shards, 2 of them unusable: whichever rank draws only bad shards reads parts of
+    the good ones instead of stopping the run; a restored loader continues exactly."""
+    for s in (0, 2):
+        write_shard(tmp_path / f"s-{s:06d}.tar",
+                    [{"__key__": f"s{s}k{i}", "jpg": JPG, "txt": f"shard {s} caption {i}"} for i in range(4)])
+    if bad == "not_a_tar":
+        for s in (1, 3):
+            (tmp_path / f"s-{s:06d}.tar").write_bytes(b"this is not a tar file" * 40)
+    cfg = data_cfg([("image_text", str(tmp_path / "s-{000000..000003}.tar"), 1.0)], micro_batch_size=1,
+                   seq_length=40)
+    with caplog.at_level(logging.WARNING, logger="emu_mc.data"):
+        for rank in (0, 1):
+            loader = build_data_loader(cfg, tokenizer, dp_rank=rank, dp_size=2)
+            batch_texts(loader, tokenizer, special_ids, 5)
+            state = loader.state_dict()
+            expected = batch_texts(loader, tokenizer, special_ids, 6)
+            restored = build_data_loader(cfg, tokenizer, dp_rank=rank, dp_size=2)
+            restored.load_state_dict(state)
+            assert batch_texts(restored, tokenizer, special_ids, 6) == expected
+    assert "it reads parts of the 2 readable shard(s) instead" in caplog.text
+
+
+def test_a_source_whose_shards_are_all_unusable_stops_on_every_rank(tmp_path, data_cfg, tokenizer):
+    for s in (0, 1):
+        (tmp_path / f"junk-{s}.tar").write_bytes(b"junk" * 100)
+    cfg = data_cfg([("image_text", str(tmp_path / "junk-{0..1}.tar"), 1.0)])
+    for rank in (0, 1):
+        with pytest.raises(DataError, match=r"source 0 \(image_text\): no readable sample in any of its 2 shard"):
+            next(build_data_loader(cfg, tokenizer, dp_rank=rank, dp_size=2))
+
+
+def test_a_shard_that_blocks_on_open_is_skipped_after_the_timeout(tmp_path, data_cfg, tokenizer, special_ids):
+    """A FIFO nobody writes blocks open(); the shard is given up on after data.sample_timeout_s."""
+    import os
+
+    write_shard(tmp_path / "s-0.tar", [{"__key__": f"k{i}", "jpg": JPG, "txt": f"caption {i}"} for i in range(3)])
+    fifo = tmp_path / "s-1.tar"
+    os.mkfifo(fifo)
+    try:
+        cfg = data_cfg([("image_text", str(tmp_path / "s-{0..1}.tar"), 1.0)], micro_batch_size=1, seq_length=40,
+                       sample_timeout_s=0.5)
+        docs, stats = read_docs(cfg, tokenizer, special_ids, 4)
+        assert len(docs) >= 4
+        assert "not opened and indexed within data.sample_timeout_s = 0.5 s" in stats["bad_shards"][str(fifo)]
+    finally:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # release the abandoned thread
+
+
+def test_a_caption_that_is_not_utf8_has_its_own_reason(tmp_path, data_cfg, tokenizer, special_ids):
+    shard = write_shard(tmp_path / "pairs.tar", [{"__key__": "latin1", "jpg": JPG, "txt": "caf\xe9".encode("latin-1")},
+                                                 {"__key__": "good", "jpg": JPG, "txt": "a good caption"}])
+    cfg = data_cfg([("image_text", shard, 1.0)], micro_batch_size=1, seq_length=40, max_failure_fraction=1.0)
+    _, stats = read_docs(cfg, tokenizer, special_ids, 2)
+    assert set(stats["skipped"]) == {"not_utf8"}  # not bad_json
+
+
+def test_resuming_with_other_sources_is_a_config_error(tmp_path, data_cfg, tokenizer):
+    shard = write_shard(tmp_path / "pairs.tar", [{"__key__": "k", "jpg": JPG, "txt": "caption"}])
+    state = build_data_loader(data_cfg([("image_text", shard, 1.0), ("image_text", shard, 1.0)]),
+                              tokenizer).state_dict()
+    with pytest.raises(ConfigError, match=r"data.sources: the checkpoint was written reading sources \[0, 1\].*"
+                                          r"this run reads \[0\]. Resume with the checkpoint's data.sources"):
+        build_data_loader(data_cfg([("image_text", shard, 1.0)]), tokenizer).load_state_dict(state)

@@ -33,6 +33,12 @@ def test_tiny_loads_and_overrides(tiny_cfg):
     (["--data.sources.9.shards", "x"], "data.sources.9.shards: '9' is not an item of this list (4 items; index 4"),
     (["--data.sources.0.shardz", "x"], "data.sources[0].shardz: unknown field"),
     (["--train.steps.0", "3"], "train.steps.0: train.steps is not a section"),
+    # <s> + [IMG] + 8 x <image> + [/IMG] + </s> = 12 tokens: 11 would train on no image at all
+    (["--data.seq_length", "11"], "data.seq_length: must be >= 12 (<s> + one image block"),
+    (["--parallel.tensor_parallel", "4"], "model.llm.num_query_groups: must be divisible by parallel.tensor_parallel"),
+    (["--parallel.tensor_parallel", "8"], "model.llm.num_attention_heads: must be divisible by parallel.tensor_parallel"),
+    (["--train.steps", "--train.log_every", "5"], "override --train.steps: missing value"),
+    (["--data.sources", "[{kind: x"], "override --data.sources: line 1 column 10: YAML syntax error"),
 ])
 def test_bad_values_name_the_field(override, needle):
     with pytest.raises(ConfigError) as err:
@@ -71,3 +77,24 @@ def test_print_config_reloads_to_the_same_config(tmp_path, capsys):
     assert main(["--config", "configs/tiny.yaml", *overrides, "--print-config"]) == 0
     (tmp_path / "printed.yaml").write_text(capsys.readouterr().out)
     assert load_config(str(tmp_path / "printed.yaml")) == load_config("configs/tiny.yaml", overrides)
+
+
+def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
+    (tmp_path / "tabs.yaml").write_text("train:\n\tsteps: 3\n")
+    with pytest.raises(ConfigError, match=r"tabs.yaml: line 2 column 1: YAML syntax error: .*'\\t'"):
+        load_config(str(tmp_path / "tabs.yaml"))
+
+
+def test_the_shortest_sequence_holds_one_image():
+    assert load_config("configs/tiny.yaml", ["--data.seq_length", "12"]).data.seq_length == 12
+
+
+def test_documents_that_cannot_fit_are_warned_about_before_the_run():
+    from emu_mc.config import document_fit_warnings
+
+    assert document_fit_warnings(load_config("configs/tiny.yaml")) == []
+    warnings = document_fit_warnings(load_config("configs/tiny.yaml", ["--data.seq_length", "20"]))
+    assert len(warnings) == 4  # every source of the tiny config
+    assert warnings[0].startswith("data.seq_length 20 cannot hold a typical image_text document of data.sources[0]")
+    assert "raise data.seq_length to >= 28" in warnings[0]
+    assert "video_text document of data.sources[2] (2 image block(s)" in warnings[2]

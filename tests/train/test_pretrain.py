@@ -2,6 +2,7 @@
 the bundled sample data — training, checkpoints, kill -9 + resume, SIGTERM, guard rails."""
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -157,6 +158,31 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert sorted(read_metrics(out)) == list(range(1, stopped_at + 3))
 
 
+def test_sigterm_to_the_process_groups_after_a_checkpoint_writes_the_stop_checkpoint(tmp_path, uninterrupted):
+    """Preemption after a checkpoint exists: SIGTERM to each worker's whole process group (megatron's
+    checkpoint-writer helpers included) still writes the stop checkpoint, and the rerun resumes from
+    it exactly."""
+    out = tmp_path / "run"
+    proc = start(out, *RESUME_ARGS, "--train.checkpoint_every", 3)
+    wait_for_step(proc, out, 6)
+    assert latest_checkpoint_step(out) >= 3
+    for worker in psutil.Process(proc.pid).children():
+        os.killpg(os.getpgid(worker.pid), signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, Path(f"{out}.log").read_text()[-4000:]
+    log = Path(f"{out}.log").read_text()
+    assert "Traceback" not in log, log[-4000:]
+    stopped_at = max(read_metrics(out))
+    assert latest_checkpoint_step(out) == stopped_at > 3
+
+    resumed = torchrun(PRETRAIN, pretrain_args(out, *RESUME_ARGS), nproc=2, timeout=600)
+    assert f"at step {stopped_at}" in resumed.stdout
+    metrics = read_metrics(out)
+    assert sorted(metrics) == list(range(1, 21))
+    for step in range(1, 21):
+        for key in ("loss", "grad_norm"):
+            assert metrics[step][key] == pytest.approx(uninterrupted[step][key], rel=LOSS_RTOL), (step, key)
+
+
 def test_ctrl_c_checkpoints_and_exits_cleanly(tmp_path):
     """A first SIGINT (Ctrl-C) in a plain `python -m emu_mc.pretrain` run acts like SIGTERM."""
     out = tmp_path / "run"
@@ -214,7 +240,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
 @pytest.mark.parametrize("overrides, env, message", [
     (["--train.precision", "fp16"], {}, "train.precision: 'fp16' is not one of ['fp32', 'bf16']"),
     (["--train.stepz", "3"], {}, "train.stepz: unknown field"),
-    (["--parallel.tensor_parallel", "3"], {"WORLD_SIZE": "2"}, "world size 2 does not factor"),
+    (["--parallel.pipeline_parallel", "3"], {"WORLD_SIZE": "2"}, "world size 2 does not factor"),
     (["--model.tokenizer", "/no/such/dir"], {}, "model.tokenizer: '/no/such/dir' is not a local tokenizer directory"),
     (["--model.llm.init_from", "/no/llm"], {}, "model.llm.init_from: '/no/llm' is not a directory"),
     (["--data.sources", "[{kind: image_text, shards: '/no/such-{0..3}.tar'}]"], {},
@@ -239,7 +265,8 @@ def test_resume_on_another_data_parallel_size(tmp_path):
 
     proc = torchrun(PRETRAIN, pretrain_args(out, "--train.steps", 8, "--parallel.tensor_parallel", 2), nproc=2,
                     timeout=600, check=False)
-    assert proc.returncode != 0 and "reloads only into the same TP x PP" in proc.stdout
+    assert proc.returncode != 0 and proc.stdout.count("reloads only into the same TP x PP") == 1, proc.stdout[-3000:]
+    assert "config error: the latest checkpoint was written by TP 1 x PP 1" in proc.stdout  # exit code 2, rank 0 only
 
 
 @pytest.mark.parametrize("variant", [("--parallel.distributed_optimizer", "false"), ("--train.precision", "bf16")],
