@@ -1,6 +1,6 @@
 """The visual decoder: a diffusers-format directory (unet/, vae/, scheduler/, optionally
 safety_checker/ + feature_extractor/) whose UNet's cross-attention reads Emu's Q regressed embeddings
-(width = the LLM width) instead of CLIP text states (SPEC component 6).
+(width = the LLM width) instead of CLIP text states (docs/model.md, "Generation").
 
     decoder = VisualDecoder.load("sd-emu/", llm_width=5120)
     images, nsfw = decoder(cond, uncond, ImageSettings(guidance_scale=7.5, steps=50, seed=0))

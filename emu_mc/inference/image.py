@@ -1,4 +1,4 @@
-"""Image generation (SPEC "Generation"): append [IMG] to the prompt, regress num_queries visual
+"""Image generation (docs/model.md, "Generation"): append [IMG] to the prompt, regress num_queries visual
 embeddings one by one, each fed back as the input of the next <image> slot, then decode them with the
 diffusion decoder (emu_mc/inference/decoder.py), with classifier-free guidance whose unconditional
 branch is the same loop on an empty prompt.

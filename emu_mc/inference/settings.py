@@ -1,7 +1,7 @@
 """Generation settings: one dataclass per output kind, validated once (like HF's GenerationConfig).
 
 Defaults follow HF `generate` (greedy, no penalty) with the release's 50 new tokens; the release's
-captioning setting is `num_beams=5, length_penalty=0` (SPEC "Generation"). Image settings follow the
+captioning setting is `num_beams=5, length_penalty=0` (docs/model.md, "Generation"). Image settings follow the
 released pipeline: guidance 7.5, 50 PNDM steps, the decoder's native size (512 x 512 for SD v1.5).
 """
 from dataclasses import dataclass

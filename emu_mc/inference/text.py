@@ -5,7 +5,7 @@ Each step: logits of the newest position -> processors (repetition penalty, supp
 sequence held back before min_new_tokens) -> the strategy picks the next token of every row (and, for
 beams, which row each continues) -> the session reorders its rows and feeds the new tokens.
 Never generated in text: bos, pad and the image tokens [IMG], <image>, [/IMG] (they are never text
-targets in training, SPEC "The objective").
+targets in training, docs/model.md, "The objective, position by position").
 
 Shapes: B requests, K beams, N = B x K rows, V vocabulary.
 """
