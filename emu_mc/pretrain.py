@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from emu_mc.config import Config, ConfigError, config_to_dict, load_config
+from emu_mc.model.document_attention import resolve_attention_impl
 
 log = logging.getLogger("emu_mc.pretrain")
 
@@ -275,6 +276,7 @@ def main(argv=None) -> int:
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
             return 0
         check_local_paths(cfg)
+        resolve_attention_impl(cfg.model.llm.attention_impl, training=True)  # a backend this machine lacks: exit 2 now
         ParallelDims(int(os.environ.get("WORLD_SIZE", 1)), cfg.parallel.tensor_parallel,
                      cfg.parallel.pipeline_parallel).check()
     except (ConfigError, FileNotFoundError, ValueError) as err:
