@@ -17,29 +17,20 @@ grouped-query attention, never repeated in memory), and returns [S, B, Hq * D]:
 `PackedDocuments` holds what a backend needs, built once per micro-batch and shared by every layer.
 """
 import functools
-import importlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from emu_mc.accelerators import importable
 from emu_mc.config import ConfigError
 
 ATTENTION_IMPLS = ("auto", "flex", "te", "flash_varlen", "sdpa", "local")
 FUSED_IMPLS = ("flex", "te", "flash_varlen", "sdpa")  # the ones that take PackedDocuments
 NEEDS_CUDA = ("flex", "te", "flash_varlen")  # for training: no CPU backward (flex) or no CPU build
-
-
-@functools.lru_cache(maxsize=None)
-def importable(module: str) -> bool:
-    """Whether `module` imports here (checked once per process; a broken binary install counts as absent)."""
-    try:
-        importlib.import_module(module)
-    except Exception:  # ImportError, or OSError/RuntimeError from a broken CUDA extension
-        return False
-    return True
 
 
 def installed_backends() -> dict:
@@ -212,11 +203,13 @@ def flex_attention(q, k, v, docs: PackedDocuments, scale: float) -> torch.Tensor
     from torch.nn.attention.flex_attention import flex_attention as eager_flex
 
     s, b, hq, d = q.shape
-    flex = _compiled_flex() if q.is_cuda else eager_flex
     if not q.is_cuda and not torch.is_grad_enabled():  # CPU flex refuses inputs that require grad
         q, k, v = q.detach(), k.detach(), v.detach()
-    out = flex(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), block_mask=docs.block_mask, scale=scale,
-               enable_gqa=hq != k.shape[2])  # [B, Hq, S, D]
+    with warnings.catch_warnings():  # eager on CPU is deliberate (no CPU backward to compile for)
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        flex = _compiled_flex() if q.is_cuda else eager_flex
+        out = flex(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), block_mask=docs.block_mask, scale=scale,
+                   enable_gqa=hq != k.shape[2])  # [B, Hq, S, D]
     return out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
 
 
