@@ -5,7 +5,10 @@ with the fused kernels on and off, side by side in one run.
     python benchmarks/train_bench.py --config configs/bench_1b.yaml --steps 30     # one GPU, ~1B params
 
 Each variant is a real `emu_mc/pretrain.py` run (torchrun when --nproc > 1) into a fresh out_dir;
-numbers are medians over the steps after --warmup. Prints a table and writes JSON to --out.
+numbers are medians over the steps after --warmup. The first two variants differ only in the LLM's
+attention (auto: the packed-document fused backend, vs megatron's unfused `local`); each row names the
+attention path that ran. A variant that fails is reported and the next one runs. Prints a table and
+writes JSON to --out.
 """
 import argparse
 import json
@@ -18,9 +21,13 @@ import tempfile
 from bench_common import ROOT, device_name, save_results
 
 
+FUSED = ["--model.resampler.attention_impl", "triton", "--model.loss.impl", "triton"]
+REFERENCE = ["--model.resampler.attention_impl", "reference", "--model.loss.impl", "reference"]
+# name: (overrides, model.llm.attention_impl); run in this order (fused ones on CUDA only), the last is the baseline
 VARIANTS = {
-    "fused (triton attention + triton loss)": ["--model.resampler.attention_impl", "triton", "--model.loss.impl", "triton"],
-    "reference (PyTorch attention + loss)": ["--model.resampler.attention_impl", "reference", "--model.loss.impl", "reference"],
+    "fused (Triton resampler + loss, LLM attn auto)": (FUSED, "auto"),
+    "fused, LLM attention local": (FUSED, "local"),
+    "reference (PyTorch + LLM attention local)": (REFERENCE, "local"),
 }
 
 
@@ -54,6 +61,8 @@ def main():
 
     import torch
 
+    from emu_mc.accelerators import llm_attention_path
+
     cuda = torch.cuda.is_available()
     variants = VARIANTS if cuda else {k: v for k, v in VARIANTS.items() if k.startswith("reference")}
     notes = [f"{device_name()}; {os.path.relpath(args.config, ROOT)}, {args.nproc} process(es), "
@@ -63,9 +72,15 @@ def main():
                      "interpreter); MFU n/a (no CPU peak). CPU numbers say nothing about a GPU.")
     print("\n".join(notes))
     results = {}
-    for name, extra in variants.items():  # saved after each variant: a run cut short keeps what finished
+    for name, (extra, attention) in variants.items():  # saved after each variant: a run cut short keeps what finished
         with tempfile.TemporaryDirectory() as out_dir:
-            results[name] = summarise(run_variant(args.config, args.nproc, args.steps, extra, out_dir), args.warmup)
+            try:
+                rows = run_variant(args.config, args.nproc, args.steps,
+                                   extra + ["--model.llm.attention_impl", attention], out_dir)
+                results[name] = summarise(rows, args.warmup)
+            except subprocess.CalledProcessError as err:
+                results[name] = {"error": f"pretrain exited {err.returncode} (its log is above)"}
+        results[name]["llm_attention"] = llm_attention_path(attention)
         table = format_table(results)
         print("\n" + table)
         save_results("train", {"config": os.path.relpath(args.config, ROOT), "nproc": args.nproc, "steps": args.steps,
@@ -73,19 +88,23 @@ def main():
 
 
 def format_table(results):
-    """The printed table: one line per finished variant, then the fused / reference speed-up."""
+    """The printed table: one line per finished variant, its speed-up over the last (the reference), and
+    the LLM attention path each ran."""
     # "data wait": the share of a step spent waiting for the loader (the loader starves training when it is large)
-    header = (f"{'variant':42s} {'step s':>8s} {'data wait':>9s} {'tok/s':>10s} {'img/s':>8s} {'TFLOP/s':>8s} "
-              f"{'MFU':>6s} {'loss':>7s}")
+    header = (f"{'variant':46s} {'step s':>8s} {'data wait':>9s} {'tok/s':>10s} {'img/s':>8s} {'TFLOP/s':>8s} "
+              f"{'MFU':>6s} {'loss':>7s} {'speed-up':>8s}")
     lines = [header, "-" * len(header)]
+    baseline = results.get(list(VARIANTS)[-1], {}).get("step_time_s")
     for name, r in results.items():
+        if "error" in r:
+            lines.append(f"{name:46s} failed: {r['error']}")
+            continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        lines.append(f"{name:42s} {r['step_time_s']:8.3f} {r['data_time_s'] / r['step_time_s']:9.1%} "
+        speedup = f"{baseline / r['step_time_s']:7.2f}x" if baseline else f"{'-':>8s}"
+        lines.append(f"{name:46s} {r['step_time_s']:8.3f} {r['data_time_s'] / r['step_time_s']:9.1%} "
                      f"{r['tokens_per_s']:10.0f} {r['images_per_s']:8.1f} {r['tflops_per_device']:8.4f} {mfu:>6s} "
-                     f"{r['final_loss']:7.4f}")
-    if len(results) == 2:
-        fused, ref = results.values()
-        lines.append(f"speed-up fused / reference: {ref['step_time_s'] / fused['step_time_s']:.2f}x")
+                     f"{r['final_loss']:7.4f} {speedup}")
+    lines.append("LLM attention: " + "; ".join(f"{name}: {r['llm_attention']}" for name, r in results.items()))
     return "\n".join(lines)
 
 

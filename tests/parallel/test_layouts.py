@@ -3,6 +3,8 @@
 Identical weights (one dist checkpoint) are loaded into TP=1/PP=1 (one process, both microbatches),
 TP=2, PP=2 (1F1B over two microbatches), DP=2 (one microbatch per rank) and TP=2 x PP=2 (4 processes);
 each run's DP-reduced gradients come back resharded to TP=1 and are compared tensor by tensor.
+The reference runs megatron's unfused attention (`local`), every layout the packed-document `sdpa`
+backend: the fused attention changes neither loss nor gradients under TP (local heads) and PP.
 """
 import json
 
@@ -27,8 +29,8 @@ def runs(tmp_path_factory):
     out = {}
     for name, layout in {"ref": dict(nproc=1, tp=1, pp=1), **LAYOUTS}.items():
         run_dir = root / name
-        torchrun(WORKER, ["--tp", layout["tp"], "--pp", layout["pp"], "--init", init, "--out", run_dir],
-                 nproc=layout["nproc"])
+        torchrun(WORKER, ["--tp", layout["tp"], "--pp", layout["pp"], "--init", init, "--out", run_dir,
+                          "--attention", "local" if name == "ref" else "sdpa"], nproc=layout["nproc"])
         out[name] = (json.loads((run_dir / "result.json").read_text()), run_dir / "grads")
     return out
 

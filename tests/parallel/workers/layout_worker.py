@@ -23,8 +23,23 @@ from emu_mc.tokenizer import load_tokenizer, special_token_ids
 GLOBAL_MICROBATCHES = 2
 
 
+def split_into_documents(batch, ids, n_docs=3):
+    """Cut each row's document into n_docs packed documents (between two text tokens, never inside an
+    image block): segment ids 0..n_docs-1, positions restarting at each cut; the padding stays."""
+    special = torch.tensor([ids.bos, ids.eos, ids.pad, ids.img_begin, ids.img_end, ids.img_slot])
+    for row in range(batch.input_ids.shape[0]):
+        text = ~torch.isin(batch.input_ids[row], special)
+        candidates = (text[1:] & text[:-1]).nonzero().squeeze(1) + 1
+        for d in range(1, n_docs):
+            cut = int(candidates[d * len(candidates) // n_docs])
+            real = batch.segment_ids[row, cut:] >= 0
+            batch.segment_ids[row, cut:][real] = d
+            batch.position_ids[row, cut:][real] -= batch.position_ids[row, cut]
+    return batch
+
+
 def global_batch(cfg, ids, vocab_size):
-    """GLOBAL_MICROBATCHES fixed microbatches, the same in every layout."""
+    """GLOBAL_MICROBATCHES fixed microbatches of packed rows (3 documents + padding), the same in every layout."""
     g = torch.Generator().manual_seed(7)
     batches = []
     for _ in range(GLOBAL_MICROBATCHES):
@@ -32,7 +47,7 @@ def global_batch(cfg, ids, vocab_size):
                             vocab_size=vocab_size, num_queries=cfg.model.resampler.num_queries,
                             image_size=cfg.model.vision.image_size, images_per_row=2, generator=g)
         b.images = torch.randn(b.images.shape, generator=g)
-        batches.append(b)
+        batches.append(split_into_documents(b, ids))
     return batches
 
 
@@ -78,11 +93,13 @@ def main():
     parser.add_argument("--init", required=True)
     parser.add_argument("--out")
     parser.add_argument("--save-init", action="store_true")
+    parser.add_argument("--attention", default="auto", help="model.llm.attention_impl")
     args = parser.parse_args()
 
     dims = init_distributed(args.tp, args.pp, seed=1234)
     cfg = load_config("configs/tiny.yaml", ["--parallel.tensor_parallel", str(args.tp),
-                                            "--parallel.pipeline_parallel", str(args.pp)])
+                                            "--parallel.pipeline_parallel", str(args.pp),
+                                            "--model.llm.attention_impl", args.attention])
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     ids = special_token_ids(tokenizer)
     chunks, optimizer = build_model_and_optimizer(cfg, ids, len(tokenizer))
