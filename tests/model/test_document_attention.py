@@ -13,7 +13,12 @@ from emu_mc.model.document_attention import (PackedDocuments, causal_pairs, docu
                                              document_attention_reference, resolve_attention_impl)
 
 FP32_TOL = dict(atol=2e-5, rtol=1e-4)
-BF16_TOL = dict(atol=2e-2, rtol=2e-2)
+BF16_REL_ERR = 2e-2  # |actual - expected| / |expected| (Frobenius): bf16 rounds at ~4e-3 per element
+
+
+def assert_close_normwise(actual, expected, msg=""):
+    err = ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+    assert err < BF16_REL_ERR, f"{msg}: relative error {err:.2e} >= {BF16_REL_ERR}"
 
 
 def segments(*rows):
@@ -177,6 +182,6 @@ def test_flex_compiled_bf16_matches_reference_on_gpu(case):
     ref_inputs = [x.detach().float().requires_grad_() for x in (q, k, v)]
     expected = document_attention_reference(*ref_inputs, seg)
     actual = document_attention(q, k, v, PackedDocuments.from_segment_ids(seg, "flex"), "flex")
-    torch.testing.assert_close(actual.float(), expected, **BF16_TOL)
+    assert_close_normwise(actual, expected, "out")
     for name, a, e in zip("qkv", grads(actual, (q, k, v)), grads(expected, ref_inputs)):
-        torch.testing.assert_close(a.float(), e, **BF16_TOL, msg=f"d{name}")
+        assert_close_normwise(a, e, f"d{name}")
