@@ -105,6 +105,9 @@ def format_table(results):
                      f"{r['tokens_per_s']:10.0f} {r['images_per_s']:8.1f} {r['tflops_per_device']:8.4f} {mfu:>6s} "
                      f"{r['final_loss']:7.4f} {speedup}")
     lines.append("LLM attention: " + "; ".join(f"{name}: {r['llm_attention']}" for name, r in results.items()))
+    auto, local = (results.get(name, {}).get("step_time_s") for name in list(VARIANTS)[:2])
+    if auto and local:
+        lines.append(f"LLM attention auto vs local (both fused): {local / auto:.2f}x step speed-up")
     return "\n".join(lines)
 
 

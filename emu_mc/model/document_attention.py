@@ -76,15 +76,6 @@ def describe(impl: str) -> str:
 
 
 @dataclass
-class SdpaBucket:
-    """Documents of similar length, gathered into one padded SDPA call."""
-
-    index: torch.Tensor  # [n_docs, L] long: flat s-major token index (s * B + b) of slot j of each
-    #                      document; slots past a document's end repeat its last token (their queries are
-    #                      dropped, and causality keeps the real queries off their keys)
-
-
-@dataclass
 class PackedDocuments:
     """The documents of one micro-batch, in the forms the fused backends need; megatron passes it to
     every layer's core attention as `packed_seq_params` (its attention reads only `qkv_format`: "sbhd"
@@ -95,7 +86,10 @@ class PackedDocuments:
     max_seqlen: int
     qkv_format: str = "sbhd"
     block_mask: Optional[object] = None  # flex: torch.nn.attention.flex_attention.BlockMask
-    buckets: List[SdpaBucket] = field(default_factory=list)  # sdpa
+    # sdpa: per length bucket, [n_docs, L] long: the flat s-major token index (s * B + b) of slot j of each
+    # document; slots past a document's end repeat its last token (their queries are dropped, and
+    # causality keeps the real queries off their keys)
+    buckets: List[torch.Tensor] = field(default_factory=list)
     inverse: Optional[torch.Tensor] = None  # sdpa: [S * B] long, each token's row in the cat of bucket outputs
 
     @classmethod
@@ -131,7 +125,7 @@ def document_runs(segment_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
     return starts, torch.cat([starts, starts.new_tensor([b * s])]).diff()
 
 
-def _length_buckets(starts: torch.Tensor, lengths: torch.Tensor, b: int, s: int) -> Tuple[List[SdpaBucket], torch.Tensor]:
+def _length_buckets(starts: torch.Tensor, lengths: torch.Tensor, b: int, s: int) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """Documents (b-major starts/lengths [N]) -> power-of-two length buckets, and for every token (s-major
     flat) its row in the bucket outputs concatenated as [sum n_docs * L, ...]."""
     device = starts.device
@@ -148,7 +142,7 @@ def _length_buckets(starts: torch.Tensor, lengths: torch.Tensor, b: int, s: int)
         index = pos * b + row[which, None]  # s-major flat
         real = slot[None, :] < lengths[which, None]
         inverse[index[real]] = offset + torch.arange(n * width, device=device).view(n, width)[real]
-        buckets.append(SdpaBucket(index=index))
+        buckets.append(index)
         offset += n * width
     return buckets, inverse
 
@@ -182,9 +176,9 @@ def sdpa_attention(q, k, v, docs: PackedDocuments, scale: float) -> torch.Tensor
     s, b, hq, d = q.shape
     flat = [x.reshape(s * b, x.shape[2], d) for x in (q, k, v)]
     outs = []
-    for bucket in docs.buckets:
-        n, width = bucket.index.shape
-        qb, kb, vb = (x[bucket.index.reshape(-1)].view(n, width, x.shape[1], d).transpose(1, 2) for x in flat)
+    for index in docs.buckets:
+        n, width = index.shape
+        qb, kb, vb = (x[index.reshape(-1)].view(n, width, x.shape[1], d).transpose(1, 2) for x in flat)
         out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=hq != kb.shape[1])
         outs.append(out.transpose(1, 2).reshape(n * width, hq * d))
     return torch.cat(outs)[docs.inverse].view(s, b, hq * d)

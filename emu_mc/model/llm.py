@@ -94,7 +94,7 @@ def build_llm(cfg: LLMConfig, vocab_size: int, *, init_std: float = 0.02, pre_pr
 
 def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """segment_ids [B, S] -> megatron attention mask [B, 1, S, S] bool, True = masked:
-    causal, and only within the same document (padding attends to itself only)."""
+    causal, and only within the same document (padding, segment -1, attends only to padding)."""
     s = segment_ids.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
