@@ -80,18 +80,25 @@ def test_reference_is_not_plain_causal():
     assert not torch.allclose(document_attention_reference(q, k, v, seg), document_attention_reference(q, k, v, one_doc))
 
 
+def varlen_reference(q, k, v, cu_seqlens, max_seqlen, scale):
+    """What flash-attn's varlen and TE's THD attention compute: q [T, Hq, D], k/v [T, Hkv, D], causal
+    inside each [cu_seqlens[i], cu_seqlens[i+1]) -> [T, Hq, D]. Stands in for them where they are absent."""
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens[-1] == q.shape[0]
+    out = torch.empty_like(q)
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        assert end - start <= max_seqlen
+        doc = lambda x: x[start:end, None]  # [L, 1, H, D]: one document as an S-first batch of one
+        out[start:end] = document_attention_reference(doc(q), doc(k), doc(v), torch.zeros(1, end - start),
+                                                      scale).view(end - start, *q.shape[1:])
+    return out
+
+
 def test_flash_varlen_feeds_cu_seqlens_of_b_major_documents(monkeypatch):
-    """flash-attn is absent here: a stand-in with its varlen signature (per-document causal attention on
-    [T, H, D]) checks the THD layout and cu_seqlens the backend hands it."""
+    """flash-attn is absent here: a stand-in with its varlen signature checks the THD layout and the
+    cu_seqlens the backend hands it."""
     def varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal):
-        assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and max_q == max_k
-        out = torch.empty_like(q)
-        for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-            assert end - start <= max_q
-            doc = lambda x: x[start:end, None]  # [L, 1, H, D]: one document as an S-first batch of one
-            out[start:end] = document_attention_reference(doc(q), doc(k), doc(v), torch.zeros(1, end - start),
-                                                          softmax_scale).view(end - start, *q.shape[1:])
-        return out
+        assert causal and torch.equal(cu_q, cu_k) and max_q == max_k
+        return varlen_reference(q, k, v, cu_q, max_q, softmax_scale)
 
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=varlen))
     seg = CASES["3 docs + padding, 2 rows"]

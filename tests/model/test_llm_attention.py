@@ -6,7 +6,8 @@ import torch
 
 from emu_mc.config import LLMConfig
 from emu_mc.model.llm import build_llm, llm_hidden_states
-from tests.model.test_document_attention import assert_close_normwise, segments
+from emu_mc.model import document_attention, llm_attention
+from tests.model.test_document_attention import assert_close_normwise, segments, varlen_reference
 
 TINY_GQA = LLMConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=172,
                      max_position_embeddings=256, make_vocab_size_divisible_by=64)
@@ -67,6 +68,26 @@ def test_sdpa_layers_match_local(local, recompute):
 def test_flex_layers_match_local_forward(local):
     hidden, _, _ = run_llm("flex", local[2], grad=False)
     torch.testing.assert_close(hidden, local[0], **FP32_TOL)
+
+
+def test_te_backend_hands_thd_documents_to_te(local, monkeypatch):
+    """transformer-engine is absent here: a stand-in for megatron's TEDotProductAttention (THD reference)
+    checks the packed-sequence parameters and layout the te backend gives it."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    def te(config, layer_number, attention_type, softmax_scale, pg_collection):
+        def attend(q, k, v, mask, attn_mask_type, packed_seq_params):
+            p = packed_seq_params
+            assert mask is None and attn_mask_type == AttnMaskType.padding_causal and p.qkv_format == "thd"
+            assert p.cu_seqlens_q is p.cu_seqlens_kv and p.max_seqlen_q == p.max_seqlen_kv
+            return varlen_reference(q, k, v, p.cu_seqlens_q, p.max_seqlen_q, softmax_scale).flatten(1)
+        return attend
+
+    monkeypatch.setattr(document_attention, "installed_backends", lambda: {"te": True, "flash_varlen": False})
+    monkeypatch.setattr(llm_attention, "_te_attention", te)
+    hidden, _, state = run_llm("te", local[2], grad=False)
+    torch.testing.assert_close(hidden, local[0], **FP32_TOL)
+    assert state.keys() == local[2].keys()  # TE's fp8 extra state stays out of the checkpoint
 
 
 def test_checkpoint_names_are_the_same_for_every_backend(local):
