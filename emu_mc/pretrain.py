@@ -112,7 +112,8 @@ def train(cfg: Config) -> dict:
     setup_logging(rank)
     log.info("world %d = TP %d x PP %d x DP %d on %s", dims.world, dims.tp, dims.pp, dims.dp,
              torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)")
-    log.info("accelerators: %s", "; ".join(f"{name}: {how}" for name, how in accelerators.report(cfg.model.llm.attention_impl).items()))
+    log.info("accelerators: %s", "; ".join(f"{name}: {how}" for name, how in
+                                            accelerators.report(cfg.model.llm.attention_impl).items()))
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     model_chunks, optimizer = build_model_and_optimizer(cfg, special_token_ids(tokenizer), len(tokenizer))
     loader = build_data_loader(cfg, tokenizer, dp_rank=parallel_state.get_data_parallel_rank(),
