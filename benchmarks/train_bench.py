@@ -5,10 +5,11 @@ with the fused kernels on and off, side by side in one run.
     python benchmarks/train_bench.py --config configs/bench_1b.yaml --steps 30     # one GPU, ~1B params
 
 Each variant is a real `emu_mc/pretrain.py` run (torchrun when --nproc > 1) into a fresh out_dir;
-numbers are medians over the steps after --warmup. The first two variants differ only in the LLM's
-attention (auto: the packed-document fused backend, vs megatron's unfused `local`); each row names the
-attention path that ran. A variant that fails is reported and the next one runs. Prints a table and
-writes JSON to --out.
+numbers are medians over the steps after --warmup. Variants (see VARIANTS): fused, fused-local-attn
+(differs from fused only in the LLM's attention: megatron's unfused `local` instead of auto's fused
+packed-document backend) and reference; `--variants fused fused-local-attn` runs just the attention
+comparison. Each row names the attention path that ran; a variant that fails is reported and the next
+one runs. Prints a table and writes JSON to --out.
 """
 import argparse
 import json
@@ -23,11 +24,14 @@ from bench_common import ROOT, device_name, save_results
 
 FUSED = ["--model.resampler.attention_impl", "triton", "--model.loss.impl", "triton"]
 REFERENCE = ["--model.resampler.attention_impl", "reference", "--model.loss.impl", "reference"]
-# name: (overrides, model.llm.attention_impl); run in this order (fused ones on CUDA only), the last is the baseline
+# name: (overrides, model.llm.attention_impl), run in this order (fused ones on CUDA only):
+#   fused            Triton resampler attention + Triton loss, LLM attention auto (the fused packed-document backend)
+#   fused-local-attn the same with megatron's unfused LLM attention: the LLM attention's share of the step
+#   reference        PyTorch resampler attention + loss, LLM attention local: the baseline of the speed-up column
 VARIANTS = {
-    "fused (Triton resampler + loss, LLM attn auto)": (FUSED, "auto"),
-    "fused, LLM attention local": (FUSED, "local"),
-    "reference (PyTorch + LLM attention local)": (REFERENCE, "local"),
+    "fused": (FUSED, "auto"),
+    "fused-local-attn": (FUSED, "local"),
+    "reference": (REFERENCE, "local"),
 }
 
 
@@ -55,6 +59,8 @@ def main():
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which variants to run, in the order given (default: all; fused ones need CUDA)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_bench_<device>.json); "
                                                     "the table goes next to it as .txt")
     args = parser.parse_args()
@@ -64,7 +70,7 @@ def main():
     from emu_mc.accelerators import llm_attention_path
 
     cuda = torch.cuda.is_available()
-    variants = VARIANTS if cuda else {k: v for k, v in VARIANTS.items() if k.startswith("reference")}
+    variants = {name: VARIANTS[name] for name in args.variants if cuda or name == "reference"}
     notes = [f"{device_name()}; {os.path.relpath(args.config, ROOT)}, {args.nproc} process(es), "
              f"median of steps {args.warmup + 1}..{args.steps}"]
     if not cuda:
@@ -91,21 +97,21 @@ def format_table(results):
     """The printed table: one line per finished variant, its speed-up over the last (the reference), and
     the LLM attention path each ran."""
     # "data wait": the share of a step spent waiting for the loader (the loader starves training when it is large)
-    header = (f"{'variant':46s} {'step s':>8s} {'data wait':>9s} {'tok/s':>10s} {'img/s':>8s} {'TFLOP/s':>8s} "
+    header = (f"{'variant':18s} {'step s':>8s} {'data wait':>9s} {'tok/s':>10s} {'img/s':>8s} {'TFLOP/s':>8s} "
               f"{'MFU':>6s} {'loss':>7s} {'speed-up':>8s}")
     lines = [header, "-" * len(header)]
-    baseline = results.get(list(VARIANTS)[-1], {}).get("step_time_s")
+    baseline = results.get("reference", {}).get("step_time_s")
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"{name:46s} failed: {r['error']}")
+            lines.append(f"{name:18s} failed: {r['error']}")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         speedup = f"{baseline / r['step_time_s']:7.2f}x" if baseline else f"{'-':>8s}"
-        lines.append(f"{name:46s} {r['step_time_s']:8.3f} {r['data_time_s'] / r['step_time_s']:9.1%} "
+        lines.append(f"{name:18s} {r['step_time_s']:8.3f} {r['data_time_s'] / r['step_time_s']:9.1%} "
                      f"{r['tokens_per_s']:10.0f} {r['images_per_s']:8.1f} {r['tflops_per_device']:8.4f} {mfu:>6s} "
                      f"{r['final_loss']:7.4f} {speedup}")
     lines.append("LLM attention: " + "; ".join(f"{name}: {r['llm_attention']}" for name, r in results.items()))
-    auto, local = (results.get(name, {}).get("step_time_s") for name in list(VARIANTS)[:2])
+    auto, local = (results.get(name, {}).get("step_time_s") for name in ("fused", "fused-local-attn"))
     if auto and local:
         lines.append(f"LLM attention auto vs local (both fused): {local / auto:.2f}x step speed-up")
     return "\n".join(lines)
