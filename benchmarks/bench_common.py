@@ -9,9 +9,11 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
+MIB = 2 ** 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS_DIR = os.path.join(ROOT, "runs", "bench")  # default: outside the tracked tree
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")  # committed; written only with --update-results
@@ -71,12 +73,38 @@ def time_ms(fn: Callable[[], object], cuda: bool, reps: int, warmup_ms: int = 25
     return statistics.median(times)
 
 
-def save_results(bench: str, record: Dict, notes: List[str], table: str, out: Optional[str] = None) -> str:
+def peak_mib(fn, cuda):
+    """Peak bytes allocated by fn() above what was allocated before it, in MiB (CUDA: the allocator's peak;
+    CPU: the profiler's allocation trace)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / MIB
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:  # the trace's allocation events carry the allocator's total
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        with open(os.path.join(tmp, "trace.json")) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0.0
+    events.sort(key=lambda args: args["Ev Idx"])
+    base = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return (max(args["Total Allocated"] for args in events) - base) / MIB
+
+
+def save_results(bench: str, record: Dict, notes: List[str], table: str, out: Optional[str] = None,
+                 quiet: bool = False) -> str:
     """Write `record` (plus device, versions and a UTC timestamp) as JSON and notes + table as .txt beside it.
 
     `out`: a JSON path (used as given), a folder ending in a path separator, or None for runs/bench/; in a
     folder the file is <bench>_bench_<device tag>.json, the tag "cpu" or the CUDA device's name.
-    Returns the JSON path.
+    Returns the JSON path; `quiet` skips the line saying where it wrote (for saves after every row).
     """
     import torch
 
@@ -99,5 +127,6 @@ def save_results(bench: str, record: Dict, notes: List[str], table: str, out: Op
         json.dump(record, f, indent=1)
     with open(os.path.splitext(out)[0] + ".txt", "w") as f:
         f.write("\n".join(notes) + "\n\n" + table + "\n")
-    print(f"wrote {out} and {os.path.splitext(out)[0]}.txt")
+    if not quiet:
+        print(f"wrote {out} and {os.path.splitext(out)[0]}.txt")
     return out

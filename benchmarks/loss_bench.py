@@ -21,19 +21,15 @@ Without CUDA only eager and compile run, at tiny sizes: the Triton kernel would 
 interpreter there, an emulator, which is not something to time.
 """
 import argparse
-import json
-import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
 from emu_mc.kernels.mixed_loss import mixed_ce_regression_loss
 
-from bench_common import add_kernel_bench_args, device_name, kernel_bench_setup, save_results, time_ms
+from bench_common import add_kernel_bench_args, device_name, kernel_bench_setup, peak_mib, save_results, time_ms
 
 IGNORE = -100
-MIB = 2 ** 20
 
 
 def make_inputs(N, V, H, dtype, device):
@@ -100,28 +96,6 @@ def fwd_bwd(loss, inputs):
     total = loss(*inputs)
     torch.autograd.grad(total, (hidden, lm_weight, reg_head_weight))
     return total.detach()
-
-
-def peak_mib(fn, cuda):
-    """Peak bytes allocated by fn() above what was allocated before it, in MiB."""
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / MIB
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:  # the trace's allocation events carry the allocator's total
-        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
-        with open(os.path.join(tmp, "trace.json")) as f:
-            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
-    if not events:
-        return 0.0
-    events.sort(key=lambda args: args["Ev Idx"])
-    base = events[0]["Total Allocated"] - events[0]["Bytes"]
-    return (max(args["Total Allocated"] for args in events) - base) / MIB
 
 
 def bench_case(N, V, H, impls, dtype, cuda, device, reps):

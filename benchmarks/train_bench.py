@@ -12,7 +12,11 @@ backward) and that time's share of the step; `--vision-layouts` repeats each var
 `parallel.vision_layout` (split: each TP rank encodes its share of the images; replicated: all of them).
 
 Each variant is a real `emu_mc/pretrain.py` run (torchrun when --nproc > 1) into a fresh out_dir;
-numbers are medians over the steps after --warmup. Prints a table and writes JSON to --out.
+numbers are medians over the steps after --warmup. Variants (see VARIANTS): fused, fused-local-attn
+(differs from fused only in the LLM's attention: megatron's unfused `local` instead of auto's fused
+packed-document backend) and reference; `--variants fused fused-local-attn` runs just the attention
+comparison. Each row names the attention path that ran; a variant that fails is reported and the next
+one runs. Prints a table and writes JSON to --out.
 """
 import argparse
 import json
@@ -25,9 +29,16 @@ import tempfile
 from bench_common import ROOT, RUNS_DIR, add_output_args, device_name, save_results
 
 
+FUSED = ["--model.resampler.attention_impl", "triton", "--model.loss.impl", "triton"]
+REFERENCE = ["--model.resampler.attention_impl", "reference", "--model.loss.impl", "reference"]
+# name: overrides, run in this order (fused ones on CUDA only):
+#   fused            Triton resampler attention + Triton loss, LLM attention auto (the fused packed-document backend)
+#   fused-local-attn the same with megatron's unfused LLM attention: the LLM attention's share of the step
+#   reference        PyTorch resampler attention + loss, LLM attention local: the baseline of the speed-up column
 VARIANTS = {
-    "fused (triton attention + triton loss)": ["--model.resampler.attention_impl", "triton", "--model.loss.impl", "triton"],
-    "reference (PyTorch attention + loss)": ["--model.resampler.attention_impl", "reference", "--model.loss.impl", "reference"],
+    "fused": FUSED + ["--model.llm.attention_impl", "auto"],
+    "fused-local-attn": FUSED + ["--model.llm.attention_impl", "local"],
+    "reference": REFERENCE + ["--model.llm.attention_impl", "local"],
 }
 
 
@@ -59,6 +70,8 @@ def main():
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which variants to run, in the order given (default: all; fused ones need CUDA)")
     parser.add_argument("--profile-step", type=int, default=0,
                         help="profile this step of the first variant (torch.profiler; its table is printed and saved "
                              "beside the JSON as <name>_profile.txt)")
@@ -71,11 +84,12 @@ def main():
 
     import torch
 
+    from emu_mc.accelerators import llm_attention_path
+
     cuda = torch.cuda.is_available()
-    variants = VARIANTS if cuda else {k: v for k, v in VARIANTS.items() if k.startswith("reference")}
-    variants = {name: extra + overrides for name, extra in variants.items()}
+    variants = {name: VARIANTS[name] + overrides for name in args.variants if cuda or name == "reference"}
     if args.vision_layouts:
-        variants = {f"{name.split(' (')[0]}, vision {layout}": extra + ["--parallel.vision_layout", layout]
+        variants = {f"{name}, vision {layout}": extra + ["--parallel.vision_layout", layout]
                     for name, extra in variants.items() for layout in args.vision_layouts.split(",")}
     notes = [f"{device_name()}; {os.path.relpath(args.config, ROOT)}, {args.nproc} process(es), "
              f"median of steps {args.warmup + 1}..{args.steps}" + (f" of {args.rounds} alternating rounds" if args.rounds > 1 else "")] + ([f"overrides: {' '.join(overrides)}"] if overrides else [])
@@ -91,10 +105,14 @@ def main():
         if profile:
             extra = extra + ["--train.profile_step", str(args.profile_step)]
         with tempfile.TemporaryDirectory() as out_dir:
-            timed[name] += run_variant(args.config, args.nproc, args.steps, extra, out_dir)[args.warmup:]
-            if profile:
-                save_profile(os.path.join(out_dir, f"profile_step{args.profile_step}_rank0.txt"), name, args.out)
-        results[name] = summarise(timed[name], 0)
+            try:
+                timed[name] += run_variant(args.config, args.nproc, args.steps, extra, out_dir)[args.warmup:]
+                if profile:
+                    save_profile(os.path.join(out_dir, f"profile_step{args.profile_step}_rank0.txt"), name, args.out)
+                results[name] = summarise(timed[name], 0)
+            except subprocess.CalledProcessError as err:
+                results[name] = {"error": f"pretrain exited {err.returncode} (its log is above)"}
+        results[name]["llm_attention"] = llm_attention_path(extra[extra.index("--model.llm.attention_impl") + 1])
         table = format_table(results)
         print("\n" + table)
         save_results("train", {"config": os.path.relpath(args.config, ROOT), "nproc": args.nproc, "steps": args.steps,
@@ -116,25 +134,33 @@ def save_profile(table_path, variant, out):
 
 
 def format_table(results):
-    """The printed table: one line per finished variant, then the fused / reference speed-up."""
+    """The printed table: one line per variant, its speed-up over the reference, the LLM attention path
+    each ran, and the vision side's time per TP rank."""
     # "data wait": the share of a step spent waiting for the loader (the loader starves training when it is large)
-    header = (f"{'variant':42s} {'step s':>8s} {'data wait':>9s} {'tok/s':>10s} {'img/s':>8s} {'TFLOP/s':>8s} "
-              f"{'MFU':>6s} {'loss':>7s}")
+    header = (f"{'variant':28s} {'step s':>8s} {'data wait':>9s} {'tok/s':>10s} {'img/s':>8s} {'TFLOP/s':>8s} "
+              f"{'MFU':>6s} {'loss':>7s} {'speed-up':>8s}")
     lines = [header, "-" * len(header)]
+    baseline = results.get("reference", {}).get("step_time_s")
+    finished = {name: r for name, r in results.items() if "error" not in r}
     for name, r in results.items():
+        if "error" in r:
+            lines.append(f"{name:28s} failed: {r['error']}")
+            continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        lines.append(f"{name:42s} {r['step_time_s']:8.3f} {r['data_time_s'] / r['step_time_s']:9.1%} "
+        speedup = f"{baseline / r['step_time_s']:7.2f}x" if baseline else f"{'-':>8s}"
+        lines.append(f"{name:28s} {r['step_time_s']:8.3f} {r['data_time_s'] / r['step_time_s']:9.1%} "
                      f"{r['tokens_per_s']:10.0f} {r['images_per_s']:8.1f} {r['tflops_per_device']:8.4f} {mfu:>6s} "
-                     f"{r['final_loss']:7.4f}")
-    if list(results) == list(VARIANTS):
-        fused, ref = results.values()
-        lines.append(f"speed-up fused / reference: {ref['step_time_s'] / fused['step_time_s']:.2f}x")
+                     f"{r['final_loss']:7.4f} {speedup}")
+    lines.append("LLM attention: " + "; ".join(f"{name}: {r['llm_attention']}" for name, r in results.items()))
+    auto, local = (finished.get(name, {}).get("step_time_s") for name in ("fused", "fused-local-attn"))
+    if auto and local:
+        lines.append(f"LLM attention auto vs local (both fused): {local / auto:.2f}x step speed-up")
     lines += ["", "vision side per TP rank of the first stage (ViT + ln_visual + resampler, forward + backward):"]
-    lines += [f"{name:42s} " + "  ".join(f"rank {i}: {t:.3f} s ({share:.0%} of the step)" for i, (t, share) in
+    lines += [f"{name:28s} " + "  ".join(f"rank {i}: {t:.3f} s ({share:.0%} of the step)" for i, (t, share) in
                                          enumerate(zip(r["vision_time_s_per_rank"], r["vision_share_per_rank"])))
-              for name, r in results.items()]
-    for name, split in results.items():  # split vs replicated, per kernel variant
-        replicated = results.get(name.replace("vision split", "vision replicated"))
+              for name, r in finished.items()]
+    for name, split in finished.items():  # split vs replicated, per kernel variant
+        replicated = finished.get(name.replace("vision split", "vision replicated"))
         if name.endswith("vision split") and replicated:
             ratios = [b / a for a, b in zip(split["vision_time_s_per_rank"], replicated["vision_time_s_per_rank"])]
             lines.append(f"{name[:-len(', vision split')]}: vision time per rank replicated / split: "

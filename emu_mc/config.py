@@ -73,6 +73,11 @@ class LLMConfig:
     tie_word_embeddings: bool = False  # output layer shares the input embedding
     # The vocabulary comes from the tokenizer; the embedding is padded to a multiple of this x TP.
     make_vocab_size_divisible_by: int = 128
+    # Attention over packed documents (emu_mc/model/document_attention.py): flex (FlexAttention, CUDA),
+    # te (Transformer Engine, THD), flash_varlen (flash-attn), sdpa (torch SDPA per document bucket, CPU),
+    # local (megatron's unfused attention with a dense [B, 1, S, S] mask: the reference);
+    # auto: te > flash_varlen > flex on CUDA, sdpa without CUDA. Checkpoints are the same for all.
+    attention_impl: Literal["auto", "flex", "te", "flash_varlen", "sdpa", "local"] = "auto"
     freeze: bool = False  # the LLM gets no gradient and no update
     # Pretrained weights: a directory from `python -m emu_mc.convert hf-to-emu`; "" = random init.
     # Its architecture fields must match these; vocab rows it lacks (added special tokens) start at zero.

@@ -1,8 +1,11 @@
 """Throughput and model-FLOPs utilisation (MFU), and the run's logs (console, JSONL, TensorBoard).
 
 FLOPs count matmuls only, 2 FLOPs per multiply-add, x3 for forward + backward (backward = 2x forward):
-  LLM, per token:        6 * P_llm + 12 * L * H * S           (P_llm: layer matmul weights; attention
-                                                               scores+values over the full S, PaLM's convention)
+  LLM, per token:        6 * P_llm                            (P_llm: layer matmul weights)
+  LLM attention, per in-document (query, key) pair: 12 * L * H   (scores + values, Hq * head_dim = H)
+                         pairs = sum over the batch's documents of n (n + 1) / 2: causal pairs inside
+                         documents only, padding excluded (not PaLM's full S per token, which counts the
+                         masked half and the cross-document pairs no backend computes usefully)
   output layer, per token: 6 * V * H
   ViT, per image:        6 * P_vit * T + 12 * L_v * W * T^2   (T = 1 + patches tokens)
   resampler, per image:  6 * (P_q,o,ff * Q + P_kv_cross * T + P_kv_self * Q) + 12 * L_r * inner * (Q^2 + Q*T)
@@ -34,13 +37,18 @@ def device_peak_flops() -> Optional[float]:
     return None
 
 
-def flops_per_token(cfg: ModelConfig, seq_length: int, vocab_size: int) -> float:
-    """Training FLOPs per LLM token (layers + output layer)."""
+def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
+    """Training FLOPs per LLM token: layer weights + output layer (attention: `flops_per_attention_pair`)."""
     llm = cfg.llm
     head_dim = llm.hidden_size // llm.num_attention_heads
     kv = (llm.num_query_groups or llm.num_attention_heads) * head_dim
     per_layer = llm.hidden_size * (2 * llm.hidden_size + 2 * kv) + 3 * llm.hidden_size * llm.ffn_hidden_size
-    return 6 * llm.num_layers * per_layer + 12 * llm.num_layers * llm.hidden_size * seq_length + 6 * vocab_size * llm.hidden_size
+    return 6 * llm.num_layers * per_layer + 6 * vocab_size * llm.hidden_size
+
+
+def flops_per_attention_pair(cfg: ModelConfig) -> float:
+    """Training FLOPs per in-document causal (query, key) pair (emu_mc.model.document_attention.causal_pairs)."""
+    return 12 * cfg.llm.num_layers * cfg.llm.hidden_size
 
 
 def flops_per_image(cfg: ModelConfig) -> float:

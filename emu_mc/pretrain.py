@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from emu_mc.config import Config, ConfigError, config_to_dict, load_config
 from emu_mc.profiling import maybe_profile
+from emu_mc.model.document_attention import resolve_attention_impl
 
 log = logging.getLogger("emu_mc.pretrain")
 
@@ -141,7 +142,8 @@ def train(cfg: Config) -> dict:
     setup_logging(rank)
     log.info("world %d = TP %d x PP %d x DP %d on %s", dims.world, dims.tp, dims.pp, dims.dp,
              torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)")
-    log.info("accelerators: %s", "; ".join(f"{name}: {how}" for name, how in accelerators.report().items()))
+    log.info("accelerators: %s", "; ".join(f"{name}: {how}" for name, how in
+                                            accelerators.report(cfg.model.llm.attention_impl).items()))
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     model_chunks, optimizer = build_model_and_optimizer(cfg, special_token_ids(tokenizer), len(tokenizer))
     loader = build_data_loader(cfg, tokenizer, dp_rank=parallel_state.get_data_parallel_rank(),
@@ -155,7 +157,8 @@ def train(cfg: Config) -> dict:
 def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: int) -> dict:
     from emu_mc.checkpoint import (Checkpointer, any_rank, capture_rng_state, check_same_model, load_training_state,
                                    optimizer_checkpoint_format, restore_rng_state, training_state)
-    from emu_mc.metrics import RunLogger, device_peak_flops, flops_per_image, flops_per_token
+    from emu_mc.metrics import RunLogger, device_peak_flops, flops_per_attention_pair, flops_per_image, flops_per_token
+    from emu_mc.model.document_attention import causal_pairs
     from emu_mc.parallel.setup import device, train_step, vision_seconds_per_tp_rank
     from emu_mc.schedule import decay_horizon, lr_at, schedule_change
 
@@ -201,7 +204,8 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
                  "continue, or set another train.out_dir to start afresh)", start_step, cfg.train.steps)
         return {}
 
-    flop_token = flops_per_token(cfg.model, cfg.data.seq_length, vocab_size)
+    flop_token = flops_per_token(cfg.model, vocab_size)
+    flop_pair = flops_per_attention_pair(cfg.model)
     flop_image = flops_per_image(cfg.model)
     peak = device_peak_flops()
     run_log = RunLogger(cfg.train.out_dir, enabled=rank == 0, resume_step=start_step)
@@ -227,11 +231,12 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
 
             _count_nonfinite(out, step, counters)
             # every TP x PP rank of a DP replica holds the same batch and loader: count it once
-            tokens, images, skipped = all_reduce_sum(
+            tokens, pairs, images, skipped = all_reduce_sum(
                 [n / (dims.tp * dims.pp) for n in (sum(b.num_tokens for b in microbatches),
+                                                   sum(causal_pairs(b.segment_ids) for b in microbatches),
                                                    sum(b.images.shape[0] for b in microbatches),
                                                    loader.samples_skipped)], dev)
-            flops = tokens * flop_token + images * flop_image  # each image once, whichever TP rank encoded it
+            flops = tokens * flop_token + pairs * flop_pair + images * flop_image  # each image once, whichever TP rank encoded it
             vision_s = vision_seconds_per_tp_rank(model_chunks)  # rank 0's TP group: first stage, DP rank 0
             metrics = {
                 "loss": out["loss"], "ce": out["ce"], "reg": out["reg"], "grad_norm": out["grad_norm"], "lr": lr,
@@ -334,6 +339,7 @@ def main(argv=None) -> int:
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
             return 0
         check_local_paths(cfg)
+        resolve_attention_impl(cfg.model.llm.attention_impl, training=True)  # a backend this machine lacks: exit 2 now
         ParallelDims(int(os.environ.get("WORLD_SIZE", 1)), cfg.parallel.tensor_parallel,
                      cfg.parallel.pipeline_parallel).check()
     except (ConfigError, FileNotFoundError, ValueError) as err:

@@ -29,8 +29,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from emu_mc.batch import Batch
 from emu_mc.config import ModelConfig
-from emu_mc.model.llm import (build_llm, document_causal_mask, llm_hidden_states, output_weight,
-                              padded_vocab_size, transformer_config)
+from emu_mc.model.llm import build_llm, llm_hidden_states, output_weight, padded_vocab_size, transformer_config
 from emu_mc.model.loss import mixed_loss_fn
 from emu_mc.model.resampler import CausalResampler
 from emu_mc.model.targets import IGNORE_INDEX, check_image_blocks, regression_mask, text_targets
@@ -205,14 +204,13 @@ class EmuModel(MegatronModule):
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
         """batch -> {'loss', 'ce', 'reg'} on the last pipeline stage (the only stage without PP);
         the hidden states [S, B, H] for the next stage on every other stage."""
-        mask = document_causal_mask(batch.segment_ids)
         decoder_input: Optional[torch.Tensor] = None
         if self.pre_process:
             decoder_input = self.embed(batch)
             reg_index, reg_targets = self.regression_targets(decoder_input, batch)
             if not self.post_process:
                 self.reg_target_channel.send(reg_targets)
-        hidden = llm_hidden_states(self.llm, decoder_input, batch.position_ids, mask)
+        hidden = llm_hidden_states(self.llm, decoder_input, batch.position_ids, batch.segment_ids)
         if not self.post_process:
             return hidden
         if not self.pre_process:

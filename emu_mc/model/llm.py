@@ -1,9 +1,11 @@
 """The multimodal LLM (docs/model.md, component 4): a LLaMA-style megatron-core GPTModel.
 
-`build_llm` makes the GPTModel (local layer spec: RMSNorm, SwiGLU, RoPE, no biases) for this rank's
+`build_llm` makes the GPTModel (megatron's local layer spec: RMSNorm, SwiGLU, RoPE, no biases; its core
+attention chosen by `model.llm.attention_impl`, emu_mc/model/llm_attention.py) for this rank's
 tensor/pipeline shard. `llm_hidden_states` runs it from input embeddings (first stage) or from the
 pipeline's input tensor (later stages) to the final hidden states, without the output layer: the
-mixed loss applies the output layer itself, blockwise.
+mixed loss applies the output layer itself, blockwise. Attention is causal within each packed document
+(segment ids); position ids restart per document.
 """
 import math
 from typing import Optional
@@ -62,17 +64,21 @@ def build_llm(cfg: LLMConfig, vocab_size: int, *, init_std: float = 0.02, pre_pr
     Tensor parallel (tp > 1): vocab-parallel embedding and output layer, column-parallel QKV and
     fc1, row-parallel proj and fc2 (megatron-core). Pipeline parallel (pp > 1): this stage builds
     num_layers / pp layers; the embedding only when pre_process, final norm and output layer only
-    when post_process. `config` (a TransformerConfig) overrides the one built from `cfg`.
+    when post_process. `config` (a TransformerConfig) overrides the one built from `cfg`. The model's
+    `attention_impl` attribute names the attention backend that runs (cfg.attention_impl resolved).
     """
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from emu_mc.model.document_attention import resolve_attention_impl
+    from emu_mc.model.llm_attention import llm_layer_spec
 
     if config is None:
         config = transformer_config(cfg, init_std=init_std, params_dtype=params_dtype, recompute=recompute,
                                     tp=tp, pp=pp)
-    return GPTModel(
+    impl = resolve_attention_impl(cfg.attention_impl)
+    llm = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=llm_layer_spec(impl),
         vocab_size=vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,
@@ -82,15 +88,27 @@ def build_llm(cfg: LLMConfig, vocab_size: int, *, init_std: float = 0.02, pre_pr
         position_embedding_type="rope",
         rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
     )
+    llm.attention_impl = impl
+    return llm
 
 
 def document_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """segment_ids [B, S] -> megatron attention mask [B, 1, S, S] bool, True = masked:
-    causal, and only within the same document (padding attends to itself only)."""
+    causal, and only within the same document (padding, segment -1, attends only to padding)."""
     s = segment_ids.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
     return ~(causal & same_doc)[:, None]
+
+
+def llm_attention_inputs(impl: str, segment_ids: torch.Tensor) -> dict:
+    """The micro-batch's attention inputs for megatron's TransformerBlock, built once and used by every
+    layer: the dense mask for `local`, PackedDocuments (as packed_seq_params) for the fused backends."""
+    from emu_mc.model.document_attention import PackedDocuments
+
+    if impl == "local":
+        return {"attention_mask": document_causal_mask(segment_ids), "packed_seq_params": None}
+    return {"attention_mask": None, "packed_seq_params": PackedDocuments.from_segment_ids(segment_ids, impl)}
 
 
 def rotary_for_positions(llm, position_ids: torch.Tensor) -> torch.Tensor:
@@ -100,13 +118,13 @@ def rotary_for_positions(llm, position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def llm_hidden_states(llm, decoder_input: Optional[torch.Tensor], position_ids: torch.Tensor,
-                      attention_mask: torch.Tensor) -> torch.Tensor:
-    """decoder_input [S, B, H] (None on later pipeline stages: the schedule set the input tensor)
-    -> hidden [S, B, H]; after the final RMSNorm on the last stage."""
+                      segment_ids: torch.Tensor) -> torch.Tensor:
+    """decoder_input [S, B, H] (None on later pipeline stages: the schedule set the input tensor),
+    position_ids / segment_ids [B, S] long -> hidden [S, B, H]; after the final RMSNorm on the last stage."""
     return llm.decoder(
         hidden_states=decoder_input,
-        attention_mask=attention_mask,
         rotary_pos_emb=rotary_for_positions(llm, position_ids),
+        **llm_attention_inputs(llm.attention_impl, segment_ids),
     )
 
 

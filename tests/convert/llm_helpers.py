@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from emu_mc.convert import load_llm_state, read_llm_checkpoint
-from emu_mc.model.llm import build_llm, document_causal_mask, llm_hidden_states, output_weight, padded_vocab_size
+from emu_mc.model.llm import build_llm, llm_hidden_states, output_weight, padded_vocab_size
 
 VOCAB = 100  # not a multiple of the padding multiple below
 PAD_MULTIPLE = 64
@@ -59,11 +59,10 @@ def stage_forward(llm, ids: torch.Tensor, hidden_in: Optional[torch.Tensor] = No
     from megatron.core import parallel_state as ps
 
     positions = torch.arange(ids.shape[1]).expand_as(ids)
-    mask = document_causal_mask(torch.zeros_like(ids))
     decoder_input = llm.embedding(input_ids=ids, position_ids=positions) if llm.pre_process else None
     if not llm.pre_process:
         llm.set_input_tensor(hidden_in)
-    hidden = llm_hidden_states(llm, decoder_input, positions, mask)
+    hidden = llm_hidden_states(llm, decoder_input, positions, torch.zeros_like(ids))
     if not llm.post_process:
         return hidden
     local = (hidden @ output_weight(llm).t()).transpose(0, 1).contiguous()  # [B, S, V_local]

@@ -6,6 +6,9 @@ TP=2 with the vision side split over TP ranks (the default) and replicated (the 
 each run's DP-reduced gradients come back resharded to TP=1 and are compared tensor by tensor. The
 global batch's microbatches hold 3, 1, 0 and 4 images, so TP=2 shares are uneven, empty, or both empty.
 One launch per world size runs all of its layouts (emu_mc/parallel layouts: README "Layout").
+The reference runs megatron's unfused attention (`local`) on rows of 3 packed documents plus padding,
+every layout the packed-document `sdpa` backend: the fused attention changes neither loss nor gradients
+under TP (local heads) and PP.
 """
 import json
 
@@ -35,9 +38,10 @@ GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-4  # fp32; TP splits reductions, so sums are reo
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     init = root / "init"
-    launches = {1: [dict(name="ref", tp=1, pp=1)]}
+    launches = {1: [dict(name="ref", tp=1, pp=1, set=["--model.llm.attention_impl", "local"])]}
     for name, (nproc, tp, pp, overrides) in LAYOUTS.items():
-        launches.setdefault(nproc, []).append(dict(name=name, tp=tp, pp=pp, set=overrides))
+        launches.setdefault(nproc, []).append(dict(name=name, tp=tp, pp=pp,
+                                                   set=overrides + ["--model.llm.attention_impl", "sdpa"]))
     for nproc, layouts in launches.items():
         torchrun(WORKER, ["--init", init, "--out", root, "--set", json.dumps(COMMON), "--runs", json.dumps(layouts),
                           *(["--save-init"] if nproc == 1 else [])], nproc=nproc, timeout=600)

@@ -243,6 +243,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     (["--parallel.pipeline_parallel", "3"], {"WORLD_SIZE": "2"}, "world size 2 does not factor"),
     (["--model.tokenizer", "/no/such/dir"], {}, "model.tokenizer: '/no/such/dir' is not a local tokenizer directory"),
     (["--model.llm.init_from", "/no/llm"], {}, "model.llm.init_from: '/no/llm' is not a directory"),
+    (["--model.llm.attention_impl", "te"], {}, "model.llm.attention_impl: te needs transformer-engine"),
     (["--data.sources", "[{kind: image_text, shards: '/no/such-{0..3}.tar'}]"], {},
      "data.sources[0].shards: '/no/such-{0..3}.tar' matches no existing file"),
 ])

@@ -33,8 +33,23 @@ from emu_mc.tokenizer import load_tokenizer, special_token_ids
 IMAGES_PER_ROW = [(2, 1), (1, 0), (0, 0), (2, 2)]
 
 
+def split_into_documents(batch, ids, n_docs=3):
+    """Cut each row's document into n_docs packed documents (between two text tokens, never inside an
+    image block): segment ids 0..n_docs-1, positions restarting at each cut; the padding stays."""
+    special = torch.tensor([ids.bos, ids.eos, ids.pad, ids.img_begin, ids.img_end, ids.img_slot])
+    for row in range(batch.input_ids.shape[0]):
+        text = ~torch.isin(batch.input_ids[row], special)
+        candidates = (text[1:] & text[:-1]).nonzero().squeeze(1) + 1
+        for d in range(1, n_docs):
+            cut = int(candidates[d * len(candidates) // n_docs])
+            real = batch.segment_ids[row, cut:] >= 0
+            batch.segment_ids[row, cut:][real] = d
+            batch.position_ids[row, cut:][real] -= batch.position_ids[row, cut]
+    return batch
+
+
 def global_batch(cfg, ids, vocab_size):
-    """The fixed microbatches, the same in every layout."""
+    """The fixed microbatches (rows of 3 packed documents + padding), the same in every layout."""
     g = torch.Generator().manual_seed(7)
     batches = []
     for counts in IMAGES_PER_ROW:
@@ -44,7 +59,7 @@ def global_batch(cfg, ids, vocab_size):
         batch = Batch(**{k: torch.cat([getattr(r, k) for r in rows]) for k in
                          ("input_ids", "position_ids", "segment_ids", "images")})
         batch.images = torch.randn(batch.images.shape, generator=g)
-        batches.append(batch)
+        batches.append(split_into_documents(batch, ids))
     return batches
 
 
