@@ -114,9 +114,8 @@ def recomputed_hidden_states(llm, decoder_input: torch.Tensor, valid: torch.Tens
                              position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The training forward over a whole left-padded sequence: decoder_input [S, B, H], valid [B, S]
     bool -> final-norm hidden [S, B, H]. What generation without a cache runs at every step."""
-    from emu_mc.model.llm import document_causal_mask, llm_hidden_states
+    from emu_mc.model.llm import llm_hidden_states
 
     if position_ids is None:
         position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)
-    segment_ids = torch.where(valid, 0, -1)
-    return llm_hidden_states(llm, decoder_input, position_ids, document_causal_mask(segment_ids))
+    return llm_hidden_states(llm, decoder_input, position_ids, torch.where(valid, 0, -1))

@@ -94,7 +94,7 @@ class PackedDocuments:
 
     @classmethod
     def from_segment_ids(cls, segment_ids: torch.Tensor, impl: str) -> "PackedDocuments":
-        """segment_ids [B, S] long (documents in order, padding -1 after them) -> what `impl` needs."""
+        """segment_ids [B, S] long (documents in order, padding -1 before or after them) -> what `impl` needs."""
         check_segment_ids(segment_ids)
         b, s = segment_ids.shape
         starts, lengths = document_runs(segment_ids)
@@ -108,11 +108,13 @@ class PackedDocuments:
 
 
 def check_segment_ids(segment_ids: torch.Tensor) -> None:
-    """Each row: documents numbered in order (non-decreasing ids >= 0), then only padding (-1)."""
-    order = torch.where(segment_ids < 0, torch.iinfo(torch.long).max, segment_ids)
+    """Each row: optional left padding (-1, as generation pads prompts), documents numbered in order
+    (non-decreasing ids >= 0), then only padding (-1). A padding run attends within itself only."""
+    left_padding = (segment_ids >= 0).long().cumsum(1) == 0
+    order = torch.where((segment_ids < 0) & ~left_padding, torch.iinfo(torch.long).max, segment_ids)
     if segment_ids.shape[1] > 1 and bool((order[:, 1:] < order[:, :-1]).any()):
-        raise ValueError("segment_ids: each row must hold its documents in order (ids 0, 1, ...) and then only "
-                         "padding (-1); the packed-document attention needs every document contiguous")
+        raise ValueError("segment_ids: each row must hold its documents in order (ids 0, 1, ...), padding (-1) "
+                         "only before or after them; the packed-document attention needs every document contiguous")
 
 
 def document_runs(segment_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ CASES = {
     "3 docs + padding, 2 rows": segments((11, 1, 17, 8), (5, 9, 20, 3)),  # S = 37: odd, a 1-token document
     "one document, no padding": segments((37, 0)),
     "many short documents": segments((2, 3, 1, 4, 5, 6, 7, 1, 2, 6, 0)),
+    "left padding (generation's prompts)": torch.tensor([[-1] * 5 + [0] * 20 + [1] * 12, [-1] * 10 + [0] * 27]),
 }
 
 
