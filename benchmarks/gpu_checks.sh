@@ -41,7 +41,7 @@ STEPS=(
   "resampler-bench|60|$PY benchmarks/resampler_bench.py --batch 1024 --out $RESULTS/resampler_bench_{tag}.json"
   "loss-bench|90|$PY benchmarks/loss_bench.py --rows 4096 16384 --vocab 32000 --out $RESULTS/loss_bench_{tag}.json"
   "attention-bench|40|$PY benchmarks/attention_bench.py --out $RESULTS/attention_bench_{tag}.json"
-  "train-bench-1b|130|$PY benchmarks/train_bench.py --config configs/bench_1b.yaml --steps 8 --warmup 3 --profile-step 6 --out $RESULTS/train_bench_{tag}.json"
+  "train-bench-1b|130|$PY benchmarks/train_bench.py --config configs/bench_1b.yaml --steps 8 --warmup 3 --variants fused fused-local-attn --profile-step 6 --out $RESULTS/train_bench_{tag}.json"
   "generate-bench|40|$PY benchmarks/generate_bench.py --out $RESULTS/generate_bench_{tag}.json"
   "resampler-tune|60|$PY benchmarks/resampler_tune.py --out $RESULTS/resampler_tune_bench_{tag}.json"
 )
