@@ -17,7 +17,7 @@ On CPU no peak is known: MFU is reported as None.
 import json
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -117,7 +117,10 @@ class RunLogger:
         self.jsonl = open(path, "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+            # purge_step: TensorBoard drops the events of steps after the checkpoint, redone from here
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"),
+                                    purge_step=resume_step + 1 if resume_step else None)
         except ImportError:
             pass
 
@@ -154,3 +157,27 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(kept)
     os.replace(tmp, path)
+
+
+def run_summary(*, first_step: int, last_step: int, tokens: float, images: float, wall_s: float,
+                metrics: Dict[str, Any], data_stats: Dict[str, Any], checkpoint: Optional[str], out_dir: str,
+                tensorboard: bool) -> str:
+    """What a finished run did, in a few lines: steps, tokens, images, time, the last loss terms,
+    skipped samples by reason, and where the checkpoint, the metrics and TensorBoard are."""
+    lines = [f"run summary: steps {first_step + 1}..{last_step} ({last_step - first_step} this run) in "
+             f"{f'{wall_s:.1f} s' if wall_s < 120 else f'{wall_s / 60:.1f} min'}; {tokens:,.0f} tokens, "
+             f"{images:,.0f} images"]
+    if metrics:
+        lines.append(f"  last step: loss {metrics['loss']:.4f} (ce {metrics['ce']:.4f}, reg {metrics['reg']:.4f}), "
+                     f"{metrics['tokens_per_s']:,.0f} tokens/s" + (f", MFU {metrics['mfu']:.1%}" if metrics.get("mfu") else ""))
+    counts = lambda d: ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
+    data = f"  data: {data_stats.get('kind', '?')}"
+    if "samples_used" in data_stats:
+        data += (f", {data_stats['samples_used']} samples used ({counts(data_stats.get('per_source', {}))}); "
+                 f"decoded by {counts(data_stats.get('decode_paths', {}))}")
+    lines.append(data + f"; skipped samples: {counts(data_stats.get('skipped') or {})}"
+                 + (f"; unreadable shards: {len(data_stats['bad_shards'])}" if data_stats.get("bad_shards") else ""))
+    lines.append(f"  checkpoint: {checkpoint or 'none written'}")
+    lines.append(f"  metrics: {os.path.join(out_dir, 'metrics.jsonl')}" +
+                 (f"; TensorBoard: tensorboard --logdir {os.path.join(out_dir, 'tensorboard')}" if tensorboard else ""))
+    return "\n".join(lines)

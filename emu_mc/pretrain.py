@@ -157,7 +157,8 @@ def train(cfg: Config) -> dict:
 def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: int) -> dict:
     from emu_mc.checkpoint import (Checkpointer, any_rank, capture_rng_state, check_same_model, load_training_state,
                                    optimizer_checkpoint_format, restore_rng_state, training_state)
-    from emu_mc.metrics import RunLogger, device_peak_flops, flops_per_attention_pair, flops_per_image, flops_per_token
+    from emu_mc.metrics import (RunLogger, device_peak_flops, flops_per_attention_pair, flops_per_image, flops_per_token,
+                                run_summary)
     from emu_mc.model.document_attention import causal_pairs
     from emu_mc.parallel.setup import device, train_step, vision_seconds_per_tp_rank
     from emu_mc.schedule import decay_horizon, lr_at, schedule_change
@@ -217,6 +218,7 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
                         disable=not sys.stderr.isatty())
 
     metrics, steps_without_images = {}, 0
+    totals, t_start, step = {"tokens": 0.0, "images": 0.0}, time.perf_counter(), start_step - 1
     try:
         for step in range(start_step, cfg.train.steps):
             lr = lr_at(step, cfg.optim, decay_horizon(cfg.optim, cfg.train.steps))
@@ -236,6 +238,8 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
                                                    sum(causal_pairs(b.segment_ids) for b in microbatches),
                                                    sum(b.images.shape[0] for b in microbatches),
                                                    loader.samples_skipped)], dev)
+            totals["tokens"] += tokens
+            totals["images"] += images
             flops = tokens * flop_token + pairs * flop_pair + images * flop_image  # each image once, whichever TP rank encoded it
             vision_s = vision_seconds_per_tp_rank(model_chunks)  # rank 0's TP group: first stage, DP rank 0
             metrics = {
@@ -277,7 +281,11 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
             progress.close()
         run_log.close()
     if rank == 0:
-        log.info("data: %s", loader.stats())
+        log.info("%s", run_summary(first_step=start_step, last_step=step + 1, tokens=totals["tokens"],
+                                   images=totals["images"], wall_s=time.perf_counter() - t_start, metrics=metrics,
+                                   data_stats=loader.stats(), checkpoint=checkpointer.latest(),
+                                   out_dir=cfg.train.out_dir, tensorboard=run_log.tb is not None))
+        log.debug("data: %s", loader.stats())
     return metrics
 
 
