@@ -143,7 +143,10 @@ def test_loader_on_dali_cpu_matches_the_cpu_path(tiny_cfg, tokenizer):
     for decoder, workers in (("cpu", 0), ("dali_cpu", 2)):
         tiny_cfg.data.decoder, tiny_cfg.data.num_workers = decoder, workers
         loader = build_data_loader(tiny_cfg, tokenizer)
-        runs[decoder] = ([next(loader) for _ in range(4)], loader.stats())
+        try:
+            runs[decoder] = ([next(loader) for _ in range(4)], loader.stats())
+        finally:  # its decode threads and DALI pipelines end here, not in a later test's forked process
+            loader.close()
     for a, b in zip(runs["cpu"][0], runs["dali_cpu"][0]):
         assert torch.equal(a.input_ids, b.input_ids)
         assert levels(a.images, b.images)[0] < 3

@@ -1,7 +1,6 @@
 """Fixtures for the generation tests: a random tiny Emu (fp32, CPU), image files, a tiny decoder and a
-real pretraining checkpoint (one step of the tiny config on synthetic data, in this process)."""
+real pretraining checkpoint (one step of the tiny config on synthetic data, in a process of its own)."""
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -50,20 +49,15 @@ def tiny_decoder_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, single_process_world):
-    """out_dir of a one-step tiny pretraining run (synthetic data) with its checkpoint."""
-    from emu_mc.config import load_config
-    from emu_mc.pretrain import train
+def tiny_run(tmp_path_factory):
+    """out_dir of a one-step tiny pretraining run (synthetic data) with its checkpoint. In a process of its
+    own: megatron's checkpoint writer forks, and a fork of this long-lived test process can inherit
+    objects (e.g. an earlier test's DALI pipeline) whose destructors hang without their threads."""
     from tests.conftest import TINY_CONFIG
+    from tests.train.test_pretrain import run_single_process
 
     out_dir = str(tmp_path_factory.mktemp("run"))
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cfg = load_config(os.path.join(root, TINY_CONFIG), ["--data.kind", "synthetic", "--train.steps", "1",
-                                                        "--train.out_dir", out_dir])
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        train(cfg)
-    finally:  # train() installs its checkpoint-on-signal handlers
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    proc = run_single_process("--config", TINY_CONFIG, "--data.kind", "synthetic", "--train.steps", "1",
+                              "--train.out_dir", out_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:]
     return out_dir
