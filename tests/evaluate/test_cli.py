@@ -1,0 +1,90 @@
+"""`python -m emu_mc.evaluate` end to end on the tiny checkpoint: outputs, resume, shots, bad input."""
+import json
+import os
+
+import pytest
+
+from emu_mc.evaluate.cli import main
+from emu_mc.evaluate.datasets import read_vqa
+from emu_mc.evaluate.prompts import build_request, choose_shots
+
+FAST = ["--num-beams", "2", "--max-new-tokens", "4", "--no-progress", "--caption-tokenizer", "python"]
+
+
+def evaluate(capsys, *args):
+    code = main([str(a) for a in args] + FAST)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_caption_outputs(tiny_run, eval_set, tmp_path, capsys):
+    _, files = eval_set
+    out = tmp_path / "coco"
+    code, stdout, stderr = evaluate(capsys, "--task", "coco_caption", "--checkpoint", tiny_run, "--data",
+                                    files["captions"], "--out", out)
+    assert code == 0, stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "coco_caption" and results["n"] == 4 and results["shots"] == 0
+    assert set(results["metrics"]) == {"CIDEr", "BLEU-4", "BLEU-1", "tokenizer"}
+    assert results["metrics"]["tokenizer"] == "ptb-python" and "torch" in results["versions"]
+    assert [r["id"] for r in read_jsonl(out / "predictions.jsonl")] == ["1", "2", "3", "4"]
+    assert not list(out.glob("predictions.rank*"))
+    report = (out / "report.md").read_text()
+    assert "112.4" in report and "Table 1" in report and "CIDEr" in report
+
+
+def test_vqa_resume_skips_finished_ids(tiny_run, eval_set, tmp_path, capsys):
+    _, files = eval_set
+    out = tmp_path / "vqa"
+    args = ["--task", "vqav2", "--checkpoint", tiny_run, "--data", files["questions"], "--annotations",
+            files["answers"], "--out", out, "--style", "instruct", "--batch-size", "1"]
+    assert evaluate(capsys, *args)[0] == 0
+    full = json.loads((out / "results.json").read_text())["metrics"]["accuracy"]
+    records = read_jsonl(out / "predictions.jsonl")
+    # a run killed after two examples: a rank file holding them (one marked), no merged file
+    os.remove(out / "predictions.jsonl")
+    kept = [dict(records[0], raw="KEPT"), records[1]]
+    (out / "predictions.rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"id": "10')
+    assert evaluate(capsys, *args)[0] == 0
+    resumed = read_jsonl(out / "predictions.jsonl")
+    assert resumed[0]["raw"] == "KEPT" and resumed[1:] == records[1:]
+    assert json.loads((out / "results.json").read_text())["metrics"]["accuracy"] == full
+
+
+def test_shots_reproducible(eval_set):
+    _, files = eval_set
+    examples = read_vqa(files["questions"], files["answers"], os.path.dirname(files["questions"]),
+                        "COCO_val2014_{image_id:012d}.jpg")
+    picks = [[s.id for s in choose_shots(examples, examples[0], 2, seed)] for seed in (0, 0, 1, 2, 3)]
+    assert picks[0] == picks[1] and "100" not in picks[0] and len(set(map(tuple, picks))) > 1
+    request = build_request("vqa", "base", "image", examples[0], choose_shots(examples, examples[0], 2, 0))
+    assert request.prompt.count("{image}") == 3 and request.images[-1] == examples[0].media
+    assert request.prompt.endswith("question: what animal is this short answer:")
+
+
+def test_few_shot_run(tiny_run, eval_set, tmp_path, capsys):
+    """(The tiny model's 256 positions hold 2 shots of the base prompt, not of the instruct one.)"""
+    _, files = eval_set
+    code, _, stderr = evaluate(capsys, "--task", "okvqa", "--checkpoint", tiny_run, "--data", files["questions"],
+                               "--annotations", files["answers"], "--out", tmp_path, "--shots", "2", "--limit", "3")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "results.json").read_text())["shots"] == 2
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"--media-dir": "/nonexistent"}, "media file"),
+    ({"--data": "/nonexistent.json"}, "--data /nonexistent.json"),
+    ({"--shots": "9"}, "--shots 9"),
+])
+def test_bad_input_one_line(tiny_run, eval_set, tmp_path, capsys, change, needle):
+    _, files = eval_set
+    args = {"--task": "coco_caption", "--checkpoint": tiny_run, "--data": files["captions"], "--out": tmp_path}
+    args.update(change)
+    code, _, stderr = evaluate(capsys, *[x for kv in args.items() for x in kv])
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and needle in errors[0] and "Traceback" not in stderr
