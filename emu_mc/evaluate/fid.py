@@ -28,11 +28,11 @@ def load_inception(path: str, device: torch.device):
 
 
 @torch.no_grad()
-def inception_features(model, images: List[np.ndarray], device: torch.device, batch_size: int = 32) -> np.ndarray:
+def inception_features(model, images: List[np.ndarray], device: torch.device) -> np.ndarray:
     """uint8 images [H, W, 3] (sizes may differ between images) -> features float64 [N, D]."""
     feats = []
     for image in images:  # one at a time: images may differ in size; the network resizes each
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)
+        x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].to(device)
         feats.append(model(x, return_features=True).double().cpu())
     return torch.cat(feats).numpy()
 

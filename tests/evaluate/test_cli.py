@@ -88,3 +88,38 @@ def test_bad_input_one_line(tiny_run, eval_set, tmp_path, capsys, change, needle
     code, _, stderr = evaluate(capsys, *[x for kv in args.items() for x in kv])
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and needle in errors[0] and "Traceback" not in stderr
+
+
+def test_two_ranks_same_metric_as_one(tiny_run, eval_set, tmp_path, capsys):
+    """torchrun with 2 data-parallel ranks: disjoint shards, gathered on rank 0, the 1-rank predictions."""
+    from tests.torchrun_utils import torchrun
+
+    _, files = eval_set
+    args = ["--task", "vqav2", "--checkpoint", tiny_run, "--data", files["questions"], "--annotations",
+            files["answers"], "--batch-size", "1"] + FAST
+    assert evaluate(capsys, *args, "--out", tmp_path / "one")[0] == 0
+    torchrun("emu_mc/evaluate/__main__.py", args + ["--out", str(tmp_path / "two")], nproc=2, timeout=240)
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two["n"] == one["n"] == 4 and two["metrics"] == one["metrics"]
+    assert read_jsonl(tmp_path / "two" / "predictions.jsonl") == read_jsonl(tmp_path / "one" / "predictions.jsonl")
+
+
+def test_video_qa(tiny_run, video_qa_set, tmp_path, capsys):
+    code, stdout, stderr = evaluate(capsys, "--task", "msvd_qa", "--checkpoint", tiny_run, "--data", video_qa_set,
+                                    "--media-name", "vid{video_id}.webm", "--out", tmp_path)
+    assert code == 0, stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["n"] == 3 and 0.0 <= results["metrics"]["accuracy"] <= 100.0
+
+
+def test_text_to_image_fid(tiny_run, tiny_decoder_dir, tiny_inception, eval_set, tmp_path, capsys):
+    _, files = eval_set
+    args = ["--task", "t2i_coco", "--checkpoint", tiny_run, "--data", files["captions"], "--out", tmp_path,
+            "--decoder", tiny_decoder_dir[0], "--steps", "2"]
+    code, _, stderr = evaluate(capsys, *args, "--inception", tiny_inception)
+    assert code == 0, stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["n"] == 4 and results["metrics"]["FID"] >= 0.0
+    assert all(os.path.isfile(r["image"]) for r in read_jsonl(tmp_path / "predictions.jsonl"))
+    code, _, stderr = evaluate(capsys, *args, "--inception", tmp_path / "missing.pt")
+    assert code == 2 and "--inception" in stderr and "downloaded" in stderr
