@@ -123,3 +123,17 @@ def test_text_to_image_fid(tiny_run, tiny_decoder_dir, tiny_inception, eval_set,
     assert all(os.path.isfile(r["image"]) for r in read_jsonl(tmp_path / "predictions.jsonl"))
     code, _, stderr = evaluate(capsys, *args, "--inception", tmp_path / "missing.pt")
     assert code == 2 and "--inception" in stderr and "downloaded" in stderr
+
+
+@pytest.mark.parametrize("task, data", [
+    ("coco_caption", ["captions.json"]), ("vqav2", ["vqa_questions.json", "--annotations", "vqa_annotations.json"]),
+    ("msrvtt_qa", ["video_qa.json"])])
+def test_bundled_eval_sets(tiny_run, tmp_path, capsys, task, data):
+    """The sets in data/sample/eval run end to end on the tiny checkpoint."""
+    from tests.torchrun_utils import REPO_ROOT
+
+    folder = REPO_ROOT / "data" / "sample" / "eval"
+    paths = [str(folder / x) if x.endswith(".json") else x for x in data]
+    code, _, stderr = evaluate(capsys, "--task", task, "--checkpoint", tiny_run, "--data", *paths, "--out", tmp_path)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "results.json").read_text())["n"] == {"coco_caption": 4, "vqav2": 8}.get(task, 3)
