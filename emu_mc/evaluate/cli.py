@@ -203,21 +203,6 @@ def report_table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from emu_mc.checkpoint import CheckpointLoadError
-    from emu_mc.pretrain import setup_logging
+    from emu_mc.generate import run_command
 
-    import torch.distributed as dist
-
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(int(os.environ.get("RANK", "0")))
-    ours = not dist.is_initialized()
-    try:
-        return run(args)
-    except (GenerationInputError, CheckpointLoadError) as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, GenerationInputError) else 1
-    finally:
-        if ours:
-            from emu_mc.parallel.groups import destroy_distributed
-            destroy_distributed()
+    return run_command(run, parse_args(sys.argv[1:] if argv is None else argv))
