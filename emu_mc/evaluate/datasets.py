@@ -8,10 +8,11 @@ Captions (coco_caption, nocaps, flickr30k, t2i_coco):
   - LAVIS-style list: [{"image": path, "caption": str | [str], "image_id"?}] (coco_karpathy_test.json).
 VQA (vqav2, okvqa): VQAv2 questions json {"questions": [{"question_id", "image_id", "question"}]} plus
   annotations json {"annotations": [{"question_id", "answers": [{"answer"}]}]}; image files named by
-  --media-name (default COCO_val2014_{image_id:012d}.jpg); VizWiz: [{"image", "question", "answers":
-  [{"answer"}]}] in one file.
+  --media-name (default COCO_val2014_{image_id:012d}.jpg) unless a question names its "image";
+  VizWiz: [{"image", "question", "answers": [{"answer"}]}] in one file.
 Video QA (msvd_qa, msrvtt_qa): [{"question_id" | "id", "video" | "video_id", "question", "answer"}];
-  video files named by --media-name (default {video_id}.mp4) unless a record names its "video".
+  video files named by --media-name (default vid{video_id}.avi for MSVD, video{video_id}.mp4 for MSRVTT)
+  unless a record names its "video".
 Media paths are relative to --media-dir (default: the annotation file's directory).
 """
 import json

@@ -1,7 +1,7 @@
 """Prompts for the evaluation tasks, in-context examples, and the release's answer shortening.
 
 Two styles:
-  - instruct: the released Emu-I evaluation's prompts (SPEC "Instruction tuning"): its system message,
+  - instruct: the released Emu-I evaluation's prompts (docs/evaluation.md, "Prompts"): its system message,
     `[USER]: {image} <instruction> [ASSISTANT]: the image depicts a photo of` for captions and
     `... please provide an accurate answer consisting of only one word or phrase. {question}
     [ASSISTANT]: the answer is:` for questions;

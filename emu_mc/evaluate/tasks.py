@@ -31,8 +31,8 @@ TASKS: Dict[str, Task] = {t.name: t for t in [
     Task("vqav2", "vqa", "image", _COCO_IMAGE, 10),
     Task("okvqa", "vqa", "image", _COCO_IMAGE, 10),
     Task("vizwiz", "vqa", "image", "", 10),
-    Task("msvd_qa", "vqa", "video", "{video_id}.mp4", 10),
-    Task("msrvtt_qa", "vqa", "video", "{video_id}.mp4", 10),
+    Task("msvd_qa", "vqa", "video", "vid{video_id}.avi", 10),  # the clips renamed by their question file's ids
+    Task("msrvtt_qa", "vqa", "video", "video{video_id}.mp4", 10),
     Task("t2i_coco", "t2i", "image"),
 ]}
 
