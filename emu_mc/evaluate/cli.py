@@ -39,7 +39,7 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="output directory (predictions, results, report)")
     p.add_argument("--style", choices=["base", "instruct"], default="base", help="prompt style (prompts.py)")
     p.add_argument("--shots", type=int, default=0, help="in-context examples before each query")
-    p.add_argument("--seed", type=int, default=0, help="chooses the shots; image i of t2i uses seed + i")
+    p.add_argument("--seed", type=int, default=0, help="chooses the shots; t2i example k's noise uses seed + k")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tensor-parallel", type=int, default=1, help="processes sharing one model (the rest: DP)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -71,6 +71,8 @@ def load_task(args):
     if args.shots >= len(examples):
         raise GenerationInputError(f"--shots {args.shots}: the set has only {len(examples)} examples")
     if task.kind == "t2i":
+        if args.shots:
+            raise GenerationInputError("--shots: t2i_coco is zero-shot (a caption in, an image out)")
         if not args.decoder:
             raise GenerationInputError("--decoder DIR is needed for t2i_coco")
         if not args.inception or not os.path.isfile(args.inception):
@@ -87,7 +89,8 @@ def requests_for(task: Task, args, examples: List[Example], todo: List[Example])
             for e in todo]
 
 
-def generate(emu, task: Task, args, batch: List[Example], requests: List[Request], decoder, image_dir, offset):
+def generate(emu, task: Task, args, batch: List[Example], requests: List[Request], decoder, image_dir,
+             order: Dict[str, int]):
     """Records of one batch: {"id", "prediction", "raw"} (text) or {"id", "image", "prompt"} (t2i)."""
     from emu_mc.inference import generate_text
     from emu_mc.inference.image import image_conditions
@@ -99,11 +102,14 @@ def generate(emu, task: Task, args, batch: List[Example], requests: List[Request
                 for e, out in zip(batch, generate_text(emu, requests, settings))]
     from emu_mc.generate import save_png
 
-    settings = ImageSettings(guidance_scale=args.guidance_scale, steps=args.steps, seed=args.seed + offset).validate()
+    settings = ImageSettings(guidance_scale=args.guidance_scale, steps=args.steps, seed=args.seed).validate()
     cond, uncond = image_conditions(emu, requests, settings)
-    images, _ = decoder(cond, uncond, settings)
-    return [{"id": e.id, "prompt": r.prompt, "image": save_png(px, image_dir, e.id)}
-            for e, r, px in zip(batch, requests, images)]
+    records = []
+    for i, (e, r) in enumerate(zip(batch, requests)):  # one by one: example k's noise is seed + k on any shard
+        one = ImageSettings(**{**settings.__dict__, "seed": args.seed + order[e.id]})
+        [pixels], _ = decoder(cond[i:i + 1], None if uncond is None else uncond[i:i + 1], one)
+        records.append({"id": e.id, "prompt": r.prompt, "seed": one.seed, "image": save_png(pixels, image_dir, e.id)})
+    return records
 
 
 def score(task: Task, args, records: Dict[str, dict], examples: Dict[str, Example], device) -> dict:
@@ -150,8 +156,7 @@ def run(args) -> int:
     for start in range(0, len(todo), args.batch_size):
         batch = [by_id[i] for i in todo[start:start + args.batch_size]]
         requests = requests_for(task, args, examples, batch)
-        records = generate(emu, task, args, batch, requests, decoder, os.path.join(args.out, "images"),
-                           order[batch[0].id])
+        records = generate(emu, task, args, batch, requests, decoder, os.path.join(args.out, "images"), order)
         if writer:
             writer.append(records)
             new.extend(records)
@@ -163,8 +168,8 @@ def run(args) -> int:
         return 0
     records = dict(finished)
     records.update({r["id"]: r for part in gathered for r in part})
+    write_merged(args.out, records)  # every prediction there, also those of ids outside this run's --limit
     records = {k: v for k, v in records.items() if k in by_id}
-    write_merged(args.out, records)
     metrics = score(task, args, records, by_id, emu.device)
     write_results(task, args, metrics, len(records), emu.checkpoint)
     return 0

@@ -98,7 +98,8 @@ def test_two_ranks_same_metric_as_one(tiny_run, eval_set, tmp_path, capsys):
     args = ["--task", "vqav2", "--checkpoint", tiny_run, "--data", files["questions"], "--annotations",
             files["answers"], "--batch-size", "1"] + FAST
     assert evaluate(capsys, *args, "--out", tmp_path / "one")[0] == 0
-    torchrun("emu_mc/evaluate/__main__.py", args + ["--out", str(tmp_path / "two")], nproc=2, timeout=240)
+    proc = torchrun("emu_mc/evaluate/__main__.py", args + ["--out", str(tmp_path / "two")], nproc=2, timeout=240)
+    assert "2 on this rank (DP 0 of 2)" in proc.stdout
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert two["n"] == one["n"] == 4 and two["metrics"] == one["metrics"]
     assert read_jsonl(tmp_path / "two" / "predictions.jsonl") == read_jsonl(tmp_path / "one" / "predictions.jsonl")
