@@ -145,7 +145,9 @@ def run(args) -> int:
     first = dist.get_rank() == 0
     decoder = VisualDecoder.load(args.decoder, emu.cfg.model.llm.hidden_size, device=emu.device, dtype=emu.dtype) \
         if task.kind == "t2i" else None
-    finished = read_finished(args.out)
+    finished = [read_finished(args.out) if first else None]
+    dist.broadcast_object_list(finished, src=0)  # rank 0's view: every rank shards the same todo list
+    finished = finished[0]
     order = {e.id: i for i, e in enumerate(examples)}
     todo = shard([e.id for e in examples if e.id not in finished], dp_rank, dp_size)
     log.info("%s: %d examples, %d finished before, %d on this rank (DP %d of %d)", task.name, len(examples),
