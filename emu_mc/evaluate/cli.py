@@ -112,6 +112,20 @@ def generate(emu, task: Task, args, batch: List[Example], requests: List[Request
     return records
 
 
+def predict(emu, task: Task, args, examples: List[Example], batch: List[Example], decoder, order) -> List[dict]:
+    """Records of a batch. An example this rank cannot run (a prompt longer than the model's positions,
+    an unreadable file) becomes {"id", "error"} and scores as wrong, rather than stopping this rank
+    while the others wait for it."""
+    try:
+        return generate(emu, task, args, batch, requests_for(task, args, examples, batch), decoder,
+                        os.path.join(args.out, "images"), order)
+    except GenerationInputError as err:
+        if len(batch) > 1:  # find which ones
+            return [r for e in batch for r in predict(emu, task, args, examples, [e], decoder, order)]
+        log.warning("example %s: %s (scored as wrong)", batch[0].id, err)
+        return [{"id": batch[0].id, "error": str(err), **({"prediction": ""} if task.kind != "t2i" else {})}]
+
+
 def score(task: Task, args, records: Dict[str, dict], examples: Dict[str, Example], device) -> dict:
     if task.kind != "t2i":
         return score_text(task, {k: r["prediction"] for k, r in records.items()}, examples, args.caption_tokenizer)
@@ -120,6 +134,7 @@ def score(task: Task, args, records: Dict[str, dict], examples: Dict[str, Exampl
 
     from emu_mc.evaluate.fid import frechet_distance, inception_features, load_inception
 
+    records = {k: r for k, r in records.items() if "image" in r}
     net = load_inception(args.inception, device)
     fake = inception_features(net, [np.asarray(Image.open(r["image"]).convert("RGB")) for r in records.values()],
                               device)
@@ -157,8 +172,7 @@ def run(args) -> int:
     bar = tqdm(total=len(todo), desc=task.name, disable=args.no_progress or not first, file=sys.stderr)
     for start in range(0, len(todo), args.batch_size):
         batch = [by_id[i] for i in todo[start:start + args.batch_size]]
-        requests = requests_for(task, args, examples, batch)
-        records = generate(emu, task, args, batch, requests, decoder, os.path.join(args.out, "images"), order)
+        records = predict(emu, task, args, examples, batch, decoder, order)
         if writer:
             writer.append(records)
             new.extend(records)
@@ -173,6 +187,7 @@ def run(args) -> int:
     write_merged(args.out, records)  # every prediction there, also those of ids outside this run's --limit
     records = {k: v for k, v in records.items() if k in by_id}
     metrics = score(task, args, records, by_id, emu.device)
+    metrics["errors"] = sum("error" in r for r in records.values())
     write_results(task, args, metrics, len(records), emu.checkpoint)
     return 0
 

@@ -30,7 +30,7 @@ def test_caption_outputs(tiny_run, eval_set, tmp_path, capsys):
     assert code == 0, stderr
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "coco_caption" and results["n"] == 4 and results["shots"] == 0
-    assert set(results["metrics"]) == {"CIDEr", "BLEU-4", "BLEU-1", "tokenizer"}
+    assert set(results["metrics"]) == {"CIDEr", "BLEU-4", "BLEU-1", "tokenizer", "errors"}
     assert results["metrics"]["tokenizer"] == "ptb-python" and "torch" in results["versions"]
     assert [r["id"] for r in read_jsonl(out / "predictions.jsonl")] == ["1", "2", "3", "4"]
     assert not list(out.glob("predictions.rank*"))
@@ -74,6 +74,19 @@ def test_few_shot_run(tiny_run, eval_set, tmp_path, capsys):
                                "--annotations", files["answers"], "--out", tmp_path, "--shots", "2", "--limit", "3")
     assert code == 0, stderr
     assert json.loads((tmp_path / "results.json").read_text())["shots"] == 2
+
+
+def test_example_too_long_scores_as_wrong(tiny_run, eval_set, tmp_path, capsys):
+    """Instruct prompts with 2 shots overflow the tiny model's 256 positions: each such example is an
+    error record scored as wrong, and the run goes on (a rank that stopped would leave the others waiting)."""
+    _, files = eval_set
+    code, _, stderr = evaluate(capsys, "--task", "vqav2", "--checkpoint", tiny_run, "--data", files["questions"],
+                               "--annotations", files["answers"], "--out", tmp_path, "--shots", "2",
+                               "--style", "instruct", "--limit", "3")
+    assert code == 0, stderr
+    metrics = json.loads((tmp_path / "results.json").read_text())["metrics"]
+    assert metrics == {"accuracy": 0.0, "errors": 3}
+    assert all("longer than" in r["error"] for r in read_jsonl(tmp_path / "predictions.jsonl"))
 
 
 @pytest.mark.parametrize("change, needle", [
