@@ -1,7 +1,8 @@
 """Prompts for the evaluation tasks, in-context examples, and the release's answer shortening.
 
 Two styles:
-  - instruct: the released Emu-I evaluation's prompts (docs/evaluation.md, "Prompts"): its system message,
+  - instruct: the released Emu-I evaluation's prompts (docs/evaluation.md, "Prompts"): its system message
+    (for videos, the release's video one),
     `[USER]: {image} <instruction> [ASSISTANT]: the image depicts a photo of` for captions and
     `... please provide an accurate answer consisting of only one word or phrase. {question}
     [ASSISTANT]: the answer is:` for questions;
@@ -23,20 +24,25 @@ from emu_mc.inference.settings import GenerationInputError
 
 SYSTEM = ("You will be presented with an image: [IMG]ImageContent[/IMG]. You will be able to see the image after "
           "I provide it to you. Please answer my questions based on the given image.")
+VIDEO_SYSTEM = ("You are a helpful assistant and you will be presented with a video consisting of multiple chronological "
+                "images: [IMG]ImageContent[/IMG]. You will be able to see the video after I provide it to you. Please "
+                "answer my questions based on the given video.")
 CAPTION_INSTRUCTION = "please provide an accurate and concise description of the given image."
-ANSWER_INSTRUCTION = ("based on the content of the image and common sense, please provide an accurate answer "
+ANSWER_INSTRUCTION = ("based on the content of the {media} and common sense, please provide an accurate answer "
                       "consisting of only one word or phrase.")
 
 
-def _turn(kind: str, style: str, marker: str, example: Example, solved: bool) -> str:
+def _turn(kind: str, style: str, media_kind: str, example: Example, solved: bool) -> str:
     """One example's prompt text; `solved` appends its reference caption / answer."""
+    marker = "{" + media_kind + "}"
     if kind == "caption":
         ask, lead = (f"{marker}a photo of", "") if style == "base" else (
             f"{marker} {CAPTION_INSTRUCTION} [ASSISTANT]:", " the image depicts a photo of")
         answer = example.references[0] if solved else ""
     else:
         ask, lead = (f"{marker}question: {example.question} short answer:", "") if style == "base" else (
-            f"{marker} {ANSWER_INSTRUCTION} {example.question} [ASSISTANT]:", " the answer is:")
+            f"{marker} {ANSWER_INSTRUCTION.format(media=media_kind)} {example.question} [ASSISTANT]:",
+            " the answer is:")
         answer = Counter(example.references).most_common(1)[0][0] if solved else ""
     text = ask + lead
     if not solved:
@@ -56,10 +62,10 @@ def choose_shots(pool: List[Example], query: Example, shots: int, seed: int) -> 
 
 def build_request(kind: str, style: str, media_kind: str, query: Example, shots: List[Example]) -> Request:
     """The Request (prompt with {image}/{video} markers, files in order) for one query and its shots."""
-    marker = "{" + media_kind + "}"
-    body = "".join(_turn(kind, style, marker, s, solved=True) for s in shots) + _turn(kind, style, marker, query,
-                                                                                        solved=False)
-    prompt = body if style == "base" else f"{SYSTEM} [USER]: {body}"
+    body = "".join(_turn(kind, style, media_kind, s, solved=True) for s in shots) + \
+        _turn(kind, style, media_kind, query, solved=False)
+    system = SYSTEM if media_kind == "image" else VIDEO_SYSTEM
+    prompt = body if style == "base" else f"{system} [USER]: {body}"
     files = [e.media for e in shots] + [query.media]
     return Request(prompt, images=files if media_kind == "image" else [],
                    videos=files if media_kind == "video" else [], id=query.id)

@@ -67,6 +67,22 @@ def test_shots_reproducible(eval_set):
     assert request.prompt.endswith("question: what animal is this short answer:")
 
 
+def test_instruct_prompts_are_the_releases():
+    from emu_mc.evaluate.datasets import Example
+    from emu_mc.evaluate.prompts import SYSTEM, VIDEO_SYSTEM
+
+    image, video = Example("1", "a.jpg", "what is it", ["cat"]), Example("2", "b.mp4", "who runs", ["man"])
+    assert build_request("caption", "instruct", "image", image, []).prompt == (
+        f"{SYSTEM} [USER]: {{image}} please provide an accurate and concise description of the given image. "
+        "[ASSISTANT]: the image depicts a photo of")
+    assert build_request("vqa", "instruct", "image", image, []).prompt == (
+        f"{SYSTEM} [USER]: {{image}} based on the content of the image and common sense, please provide an "
+        "accurate answer consisting of only one word or phrase. what is it [ASSISTANT]: the answer is:")
+    request = build_request("vqa", "instruct", "video", video, [image])
+    assert request.prompt.startswith(f"{VIDEO_SYSTEM} [USER]: {{video}} based on the content of the video")
+    assert " the answer is: cat [USER]: {video}" in request.prompt and request.videos == ["a.jpg", "b.mp4"]
+
+
 def test_few_shot_run(tiny_run, eval_set, tmp_path, capsys):
     """(The tiny model's 256 positions hold 2 shots of the base prompt, not of the instruct one.)"""
     _, files = eval_set
