@@ -55,6 +55,8 @@ def parse_args(argv):
     t.add_argument("--guidance-scale", type=float, default=ImageSettings.guidance_scale)
     t.add_argument("--steps", type=int, default=ImageSettings.steps)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--score-only", action="store_true",
+                   help="score the predictions already in --out (no model loaded, nothing generated)")
     return p.parse_args(argv)
 
 
@@ -127,20 +129,28 @@ def predict(emu, task: Task, args, examples: List[Example], batch: List[Example]
 
 
 def score(task: Task, args, records: Dict[str, dict], examples: Dict[str, Example], device) -> dict:
+    """The task's metrics over `records` (id -> prediction record), and how many were error records."""
+    errors = sum("error" in r for r in records.values())
     if task.kind != "t2i":
-        return score_text(task, {k: r["prediction"] for k, r in records.items()}, examples, args.caption_tokenizer)
+        metrics = score_text(task, {k: r["prediction"] for k, r in records.items()}, examples, args.caption_tokenizer)
+    else:
+        metrics = {"FID": fid_score(args.inception, {k: r["image"] for k, r in records.items() if "image" in r},
+                                    examples, device)}
+    return {**metrics, "errors": errors}
+
+
+def fid_score(inception: str, images: Dict[str, str], examples: Dict[str, Example], device) -> float:
+    """FID of the generated PNGs (id -> path) against the examples' reference images."""
     import numpy as np
     from PIL import Image
 
     from emu_mc.evaluate.fid import frechet_distance, inception_features, load_inception
 
-    records = {k: r for k, r in records.items() if "image" in r}
-    net = load_inception(args.inception, device)
-    fake = inception_features(net, [np.asarray(Image.open(r["image"]).convert("RGB")) for r in records.values()],
-                              device)
-    real = inception_features(net, [np.asarray(Image.open(examples[k].media).convert("RGB")) for k in records],
-                              device)
-    return {"FID": frechet_distance(fake, real)}
+    def features(paths):
+        return inception_features(net, [np.asarray(Image.open(p).convert("RGB")) for p in paths], device)
+
+    net = load_inception(inception, device)
+    return frechet_distance(features(images.values()), features(examples[k].media for k in images))
 
 
 def run(args) -> int:
@@ -153,6 +163,8 @@ def run(args) -> int:
 
     task, examples = load_task(args)
     by_id = {e.id: e for e in examples}
+    if args.score_only:
+        return score_saved(task, args, by_id)
     device = None if args.device == "auto" else torch.device(args.device)
     emu = load_emu(args.checkpoint, tokenizer=args.tokenizer, device=device, tensor_parallel=args.tensor_parallel)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -187,8 +199,19 @@ def run(args) -> int:
     write_merged(args.out, records)  # every prediction there, also those of ids outside this run's --limit
     records = {k: v for k, v in records.items() if k in by_id}
     metrics = score(task, args, records, by_id, emu.device)
-    metrics["errors"] = sum("error" in r for r in records.values())
     write_results(task, args, metrics, len(records), emu.checkpoint)
+    return 0
+
+
+def score_saved(task: Task, args, by_id: Dict[str, Example]) -> int:
+    import torch
+
+    records = {k: v for k, v in read_finished(args.out).items() if k in by_id}
+    if len(records) < len(by_id):
+        raise GenerationInputError(f"--score-only: {len(by_id) - len(records)} of {len(by_id)} examples have no "
+                                   f"prediction in {args.out} (run without --score-only to generate them)")
+    metrics = score(task, args, records, by_id, torch.device("cpu"))
+    write_results(task, args, metrics, len(records), args.checkpoint)
     return 0
 
 

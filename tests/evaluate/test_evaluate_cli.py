@@ -46,6 +46,9 @@ def test_vqa_resume_skips_finished_ids(tiny_run, eval_set, tmp_path, capsys):
     assert evaluate(capsys, *args)[0] == 0
     full = json.loads((out / "results.json").read_text())["metrics"]["accuracy"]
     records = read_jsonl(out / "predictions.jsonl")
+    os.remove(out / "results.json")
+    assert evaluate(capsys, *args, "--score-only", "--checkpoint", "/not/loaded")[0] == 0  # no model needed
+    assert json.loads((out / "results.json").read_text())["metrics"]["accuracy"] == full
     # a run killed after two examples: a rank file holding them (one marked), no merged file
     os.remove(out / "predictions.jsonl")
     kept = [dict(records[0], raw="KEPT"), records[1]]
