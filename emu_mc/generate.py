@@ -192,16 +192,21 @@ def save_png(pixels, directory: str, name) -> str:
 
 
 def main(argv=None) -> int:
+    return run_command(run, parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def run_command(command, args) -> int:
+    """Run `command(args)` as a CLI: logging set up, bad input -> one `error:` line from rank 0 and exit
+    code 2 (a damaged checkpoint: 1), the process group it created torn down. Shared with emu_mc.evaluate."""
     from emu_mc.checkpoint import CheckpointLoadError
     from emu_mc.pretrain import setup_logging
 
     import torch.distributed as dist
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(int(os.environ.get("RANK", "0")))
     ours = not dist.is_initialized()  # called from Python with a world already set up: leave it be
     try:
-        return run(args)
+        return command(args)
     except (GenerationInputError, CheckpointLoadError) as err:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same bad input
             print(f"error: {err}", file=sys.stderr)
