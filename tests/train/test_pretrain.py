@@ -240,7 +240,8 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
 @pytest.mark.parametrize("overrides, env, message", [
     (["--train.precision", "fp16"], {}, "train.precision: 'fp16' is not one of ['fp32', 'bf16']"),
     (["--train.stepz", "3"], {}, "train.stepz: unknown field"),
-    (["--parallel.pipeline_parallel", "3"], {"WORLD_SIZE": "2"}, "world size 2 does not factor"),
+    (["--parallel.pipeline_parallel", "3", "--model.llm.num_layers", "3"], {"WORLD_SIZE": "2"},
+     "world size 2 does not factor"),
     (["--model.tokenizer", "/no/such/dir"], {}, "model.tokenizer: '/no/such/dir' is not a local tokenizer directory"),
     (["--model.llm.init_from", "/no/llm"], {}, "model.llm.init_from: '/no/llm' is not a directory"),
     (["--model.llm.attention_impl", "te"], {}, "model.llm.attention_impl: te needs transformer-engine"),
