@@ -443,15 +443,20 @@ def config_from_dict(tree: Dict[str, Any]) -> Config:
     return _build(Config, tree, "").validate()
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Read YAML at `path` (or defaults), apply dotted CLI overrides, validate. Raises ConfigError."""
+def load_tree(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """The YAML at `path` (or {}) with dotted CLI overrides applied, not yet typed. Raises ConfigError."""
     tree: Dict[str, Any] = {}
     if path is not None:
         with open(path) as f:
             tree = _yaml(f.read(), path) or {}
     for key, value in parse_overrides(list(overrides)).items():
         _set_dotted(tree, key, value)
-    return config_from_dict(tree)
+    return tree
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read YAML at `path` (or defaults), apply dotted CLI overrides, validate. Raises ConfigError."""
+    return config_from_dict(load_tree(path, overrides))
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:

@@ -56,12 +56,13 @@ def default_device() -> torch.device:
 
 
 def load_emu(path: str, *, tokenizer: Optional[str] = None, device: Optional[torch.device] = None,
-             dtype: Optional[torch.dtype] = None) -> LoadedEmu:
+             dtype: Optional[torch.dtype] = None, tp: Optional[int] = None) -> LoadedEmu:
     """Load the model (and tokenizer) of the checkpoint at `path` for generation.
 
     `tokenizer` overrides the run's model.tokenizer (a run moved to another machine). Default device:
     CUDA when available; default dtype: bf16 on CUDA, fp32 on CPU. Raises GenerationInputError for a
-    path without a model, CheckpointLoadError for a damaged one."""
+    path without a model, CheckpointLoadError for a damaged one. `tp`: the tensor-parallel size (default:
+    every process, WORLD_SIZE; 1 replicates the model on each process, e.g. under data parallelism)."""
     from emu_mc.model.emu import EmuModel
     from emu_mc.parallel.groups import init_distributed
 
@@ -76,7 +77,7 @@ def load_emu(path: str, *, tokenizer: Optional[str] = None, device: Optional[tor
     except (ConfigError, FileNotFoundError, KeyError) as err:
         raise GenerationInputError(f"{step_dir}/meta.json: {err} (--tokenizer DIR points at a moved tokenizer)") \
             from None
-    tp = int(os.environ.get("WORLD_SIZE", "1"))
+    tp = tp or int(os.environ.get("WORLD_SIZE", "1"))
     init_distributed(tp, 1, seed=cfg.train.seed)
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -1,0 +1,39 @@
+"""The decoder's training objective: the diffusion noise-prediction MSE on VAE latents.
+
+    latents = VAE(pixels).sample * scaling_factor;  t ~ U{0, T-1};  noise ~ N(0, I)
+    noisy = sqrt(a_t) latents + sqrt(1 - a_t) noise   (the scheduler's training noise schedule)
+    target = noise (epsilon) or sqrt(a_t) noise - sqrt(1 - a_t) latents (v_prediction)
+    loss = mean((UNet(noisy, t, cond) - target)^2)
+
+Shapes: B pairs, R resolution, f the VAE's downsampling, C latent channels, Q x H the condition.
+"""
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """pixels [B, 3, R, R] in [-1, 1] -> latents float32 [B, C, R/f, R/f], scaled by the VAE's factor
+    (a sample of its posterior, drawn from the CPU `generator`)."""
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+    latents = posterior.mean + posterior.std * noise
+    return latents.float() * getattr(vae.config, "scaling_factor", 0.18215)
+
+
+def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
+                   autocast_dtype=None) -> torch.Tensor:
+    """latents float32 [B, C, h, w], cond [B, Q, H] -> the fp32 scalar MSE of the UNet's prediction against
+    the target of noise_scheduler.config.prediction_type; timesteps and noise drawn from the CPU `generator`."""
+    rows = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    steps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (rows,), generator=generator)
+    steps = steps.to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, steps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, steps)
+    else:
+        target = noise
+    with torch.autocast(latents.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        prediction = unet(noisy, steps, encoder_hidden_states=cond).sample
+    return F.mse_loss(prediction.float(), target.float())

@@ -1,0 +1,300 @@
+"""Stage 2: train the visual decoder, a diffusion UNet that reads Emu's regressed embeddings
+(docs/model.md "Visual decoder training").
+
+    torchrun --nproc_per_node=8 emu_mc/train_decoder.py --config configs/decoder_sd15.yaml
+    torchrun --nproc_per_node=2 emu_mc/train_decoder.py --config configs/decoder_tiny.yaml   # CPU, gloo
+    python -m emu_mc.train_decoder --config configs/decoder_tiny.yaml [--train.steps 2 ...]
+
+Each step, on every data-parallel rank: a batch of image-text pairs; the frozen Emu computes each
+pair's condition by teacher forcing (emu_mc/decoder/condition.py); a share decoder.cond_drop_prob of
+them becomes generation's unconditional condition; the frozen VAE encodes the images; the UNet's
+noise-prediction loss (emu_mc/decoder/objective.py) is averaged over ranks (DDP), clipped, and AdamW
+steps with pretraining's warmup + cosine. The run machinery is pretraining's (emu_mc/pretrain.py):
+exit codes and one-line errors, SIGTERM / Ctrl-C checkpoint, atomic checkpoints with exact resume,
+progress bar, metrics.jsonl + TensorBoard, non-finite guard. At the end the UNet (its EMA when
+decoder.ema_decay > 0) is exported with the VAE and scheduler to <train.out_dir>/decoder, a directory
+generation loads with --decoder.
+"""
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a file under torchrun: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+
+from emu_mc.config import ConfigError
+from emu_mc.decoder.config import DecoderJobConfig, decoder_config_to_dict, load_decoder_config
+from emu_mc.pretrain import (EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_STOPPED, RunStopped, StopRequest, TrainingDiverged,
+                             _count_nonfinite, _next_microbatches, _report, all_reduce_sum, setup_logging)
+
+log = logging.getLogger("emu_mc.train_decoder")
+
+
+def check_local_paths(cfg: DecoderJobConfig) -> None:
+    """What the run reads exists (before any process group): the Emu checkpoint, the decoder directory,
+    the shards. Raises ConfigError naming the field."""
+    from emu_mc.data.shards import expand_shards
+    from emu_mc.inference.loading import resolve_checkpoint
+    from emu_mc.inference.settings import GenerationInputError
+
+    try:
+        resolve_checkpoint(cfg.emu.checkpoint)
+    except GenerationInputError as err:
+        raise ConfigError(f"emu.checkpoint: {str(err).split(': ', 1)[-1]}") from None
+    for sub in ("unet", "vae", "scheduler"):
+        if not os.path.isdir(os.path.join(cfg.decoder.init, sub)):
+            raise ConfigError(f"decoder.init: {cfg.decoder.init} has no {sub}/ directory; give a decoder directory "
+                              "(python -m emu_mc.convert sd-to-decoder, or emu_mc.inference.tiny_decoder)")
+    for i, src in enumerate(cfg.data.sources):
+        if not [p for p in expand_shards(src.shards) if os.path.isfile(p)]:
+            raise ConfigError(f"data.sources[{i}].shards: no file matches {src.shards!r}")
+
+
+class DecoderRun:
+    """The frozen Emu and VAE, the UNet being trained (DDP over every rank), its optimizer and EMA."""
+
+    def __init__(self, cfg: DecoderJobConfig, device: torch.device):
+        from diffusers import DDPMScheduler
+
+        from emu_mc.decoder.condition import unconditional_condition
+        from emu_mc.inference.decoder import VisualDecoder
+        from emu_mc.inference.loading import load_emu
+        from emu_mc.inference.settings import GenerationInputError
+
+        self.cfg, self.device = cfg, device
+        self.emu = load_emu(cfg.emu.checkpoint, tokenizer=cfg.emu.tokenizer or None, device=device, tp=1,
+                            dtype=torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None)
+        self.emu.model.requires_grad_(False)
+        try:
+            decoder = VisualDecoder.load(cfg.decoder.init, llm_width=self.emu.cfg.model.llm.hidden_size, device=device)
+        except GenerationInputError as err:
+            raise ConfigError(f"decoder.init: {str(err).split(': ', 1)[-1]}") from None
+        self.vae = decoder.vae.requires_grad_(False).eval()
+        self.unet = decoder.unet.float().train()
+        scheduler_config = DDPMScheduler.load_config(cfg.decoder.init, subfolder="scheduler", local_files_only=True)
+        self.noise_scheduler = DDPMScheduler.from_config(scheduler_config, prediction_type=cfg.decoder.prediction_type)
+        self.uncond = unconditional_condition(self.emu).float()
+        self.ddp = self.unet
+        if dist.get_world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.unet, device_ids=[device.index] if device.type == "cuda" else None)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.ema = ({n: p.detach().float().clone() for n, p in self.unet.named_parameters()}
+                    if cfg.decoder.ema_decay > 0 else None)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + dist.get_rank())
+        self.autocast = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
+
+    def step(self, pairs, lr: float) -> dict:
+        """One optimizer step on this rank's pairs -> {'loss' (mean over ranks), 'grad_norm', 'dropped',
+        'skipped'}; a non-finite loss or gradient skips the update on every rank."""
+        from emu_mc.decoder.condition import drop_conditions, teacher_forced_conditions
+        from emu_mc.decoder.objective import diffusion_loss, encode_latents
+        from emu_mc.decoder.state import update_ema
+
+        cond = teacher_forced_conditions(self.emu.model, pairs.emu.to(self.device)).float()
+        cond, dropped = drop_conditions(cond, self.uncond, self.cfg.decoder.cond_drop_prob, self.generator)
+        latents = encode_latents(self.vae, pairs.pixels.to(self.device), self.generator)
+        loss = diffusion_loss(self.ddp, self.noise_scheduler, latents, cond, self.generator, self.autocast)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.unet.parameters(), clip))
+        mean_loss = all_reduce_sum([float(loss.detach())], self.device)[0] / dist.get_world_size()
+        skipped = not (torch.isfinite(torch.tensor([mean_loss, grad_norm])).all())
+        if not skipped:
+            self.optimizer.step()
+            if self.ema is not None:
+                update_ema(self.ema, self.unet, self.cfg.decoder.ema_decay)
+        return {"loss": mean_loss, "grad_norm": grad_norm, "dropped": int(dropped.sum()), "skipped": skipped}
+
+    def tensors(self):
+        from emu_mc.decoder.state import decoder_tensors
+
+        return decoder_tensors(self.unet, self.optimizer, self.ema)
+
+    def export(self, out_dir: str) -> str:
+        """Rank 0: the UNet (its EMA when kept), the VAE and the scheduler (prediction_type set) as a
+        diffusers directory, written under a temporary name and renamed."""
+        final, tmp = os.path.join(out_dir, "decoder"), os.path.join(out_dir, "decoder.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        weights = {n: p.detach().clone() for n, p in self.unet.named_parameters()}
+        if self.ema is not None:
+            with torch.no_grad():
+                for name, param in self.unet.named_parameters():
+                    param.copy_(self.ema[name])
+        self.unet.save_pretrained(os.path.join(tmp, "unet"))
+        with torch.no_grad():
+            for name, param in self.unet.named_parameters():
+                param.copy_(weights[name])
+        shutil.copytree(os.path.join(self.cfg.decoder.init, "vae"), os.path.join(tmp, "vae"))
+        self.noise_scheduler.save_pretrained(os.path.join(tmp, "scheduler"))  # DDPM config; generation picks PNDM
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+
+def train(cfg: DecoderJobConfig) -> dict:
+    """Run (or resume) the decoder-training job `cfg`. Returns the last step's metrics."""
+    from emu_mc.decoder.data import PairLoader
+    from emu_mc.parallel.groups import init_distributed
+    from emu_mc.parallel.setup import device
+
+    init_distributed(1, 1, cfg.train.seed)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    setup_logging(rank)
+    torch.manual_seed(cfg.train.seed)
+    run = DecoderRun(cfg, device())
+    log.info("decoder training: DP %d on %s; Emu %s (frozen), UNet %.1fM params (%s), VAE frozen, cond_drop_prob %.2f",
+             world, torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)", run.emu.checkpoint,
+             sum(p.numel() for p in run.unet.parameters()) / 1e6, cfg.decoder.prediction_type,
+             cfg.decoder.cond_drop_prob)
+    loader = PairLoader(cfg, run.emu.cfg, run.emu.tokenizer, run.emu.ids, seed=cfg.train.seed, dp_rank=rank,
+                        dp_size=world)
+    return _train_loop(cfg, run, loader)
+
+
+def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
+    from emu_mc.checkpoint import Checkpointer, any_rank, capture_rng_state, restore_rng_state
+    from emu_mc.decoder.state import copy_loaded, sharded
+    from emu_mc.metrics import RunLogger
+    from emu_mc.schedule import decay_horizon, lr_at
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    checkpointer = Checkpointer(cfg.train.out_dir, cfg.train.keep_checkpoints)
+    counters = {"skipped_steps": 0, "nonfinite_in_a_row": 0, "pairs": 0, "dropped": 0}
+
+    def save(step: int) -> None:
+        checkpointer.save(step, sharded(run.tensors(), rank),
+                          {"rng": capture_rng_state(), "generator": run.generator.get_state(),
+                           "data": loader.state_dict(), "counters": dict(counters)},
+                          {"config": decoder_config_to_dict(cfg), "stage": "decoder", "tp": 1, "pp": 1, "dp": world})
+
+    start_step, latest = 0, checkpointer.latest()
+    if latest is not None:
+        meta = checkpointer.read_meta(latest)
+        if meta.get("stage") != "decoder":
+            raise ConfigError(f"train.out_dir: {latest} is not a decoder-training checkpoint; set another "
+                              "train.out_dir")
+        tensors = run.tensors()
+        state, rank_state, meta = checkpointer.load(latest, sharded(tensors, rank), same_layout=meta["dp"] == world)
+        copy_loaded(tensors, state)
+        if rank_state is not None:
+            loader.load_state_dict(rank_state["data"])
+            restore_rng_state(rank_state["rng"])
+            run.generator.set_state(rank_state["generator"])
+            counters.update(rank_state["counters"])
+        else:
+            log.warning("data-parallel size changed from %d to %d: weights and optimizer restored; data order and "
+                        "RNG start afresh, so this is a continuation, not an exact resume", meta["dp"], world)
+        start_step = meta["step"]
+        log.info("resumed from %s at step %d", latest, start_step)
+    if start_step >= cfg.train.steps:
+        log.info("nothing to do: the latest checkpoint is at step %d and train.steps is %d", start_step,
+                 cfg.train.steps)
+        return {}
+
+    run_log = RunLogger(cfg.train.out_dir, enabled=rank == 0, resume_step=start_step)
+    stop = StopRequest()
+    progress = None
+    if rank == 0:
+        from tqdm import tqdm
+        progress = tqdm(total=cfg.train.steps, initial=start_step, desc="decoder", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())
+    metrics = {}
+    try:
+        for step in range(start_step, cfg.train.steps):
+            lr = lr_at(step, cfg.optim, decay_horizon(cfg.optim, cfg.train.steps))
+            t0 = time.perf_counter()
+            (pairs,) = _next_microbatches(loader, 1)
+            t_data = time.perf_counter() - t0
+            out = run.step(pairs, lr)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            _count_nonfinite(out, step, counters)
+            images, dropped, skipped = all_reduce_sum([pairs.pixels.shape[0], out["dropped"], loader.samples_skipped],
+                                                      run.device)
+            counters["pairs"] += int(images)
+            counters["dropped"] += int(dropped)
+            metrics = {"loss": out["loss"], "grad_norm": out["grad_norm"], "lr": lr, "step_time_s": dt,
+                       "data_time_s": t_data, "images_per_s": images / dt,
+                       "cond_drop_rate": counters["dropped"] / max(counters["pairs"], 1),
+                       "skipped_steps": counters["skipped_steps"], "data_skipped_samples": round(skipped)}
+            run_log.log(step + 1, metrics)
+            if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step == start_step):
+                log.info("step %d/%d | loss %.4f | grad %.3f | lr %.2e | %.2fs (data %.2fs) | %.1f img/s | "
+                         "cond dropped %.1f%%", step + 1, cfg.train.steps, out["loss"], out["grad_norm"], lr, dt,
+                         t_data, metrics["images_per_s"], 100 * metrics["cond_drop_rate"])
+            limit = cfg.train.max_consecutive_nonfinite
+            if counters["nonfinite_in_a_row"] >= limit:
+                raise TrainingDiverged(f"{limit} consecutive non-finite steps (train.max_consecutive_nonfinite = "
+                                       f"{limit}); stopping. Lower optim.lr or check the data.")
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{out['loss']:.3f}")
+            last = step + 1 == cfg.train.steps and cfg.train.save_final
+            due = cfg.train.checkpoint_every > 0 and (step + 1) % cfg.train.checkpoint_every == 0
+            stopping = any_rank(stop.requested)
+            if due or last or stopping:
+                save(step + 1)
+            if stopping:
+                log.info("stopped by signal after step %d; run the same command to resume", step + 1)
+                return metrics
+    finally:
+        if progress is not None:
+            progress.close()
+        run_log.close()
+    if rank == 0:
+        log.info("exported the decoder to %s (generation: --decoder DIR)", run.export(cfg.train.out_dir))
+    dist.barrier()
+    return metrics
+
+
+def main(argv=None) -> int:
+    rank = int(os.environ.get("RANK", 0))
+    parser = argparse.ArgumentParser(description="Train Emu's visual decoder (stage 2).",
+                                     epilog="Any config field can be overridden: --train.steps 2 --decoder.init DIR")
+    parser.add_argument("--config", required=True, help="YAML decoder job config (see configs/decoder_*.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_decoder_config(args.config, overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(decoder_config_to_dict(cfg), sort_keys=False), end="")
+            return 0
+        check_local_paths(cfg)
+    except (ConfigError, OSError) as err:
+        return _report(rank, f"config error: {err}", EXIT_CONFIG)
+    setup_logging(rank)
+    from emu_mc.checkpoint import CheckpointLoadError, CheckpointSaveError
+    from emu_mc.parallel.groups import destroy_distributed
+
+    try:
+        train(cfg)
+    except ConfigError as err:
+        return _report(rank, f"config error: {err}", EXIT_CONFIG)
+    except (TrainingDiverged, CheckpointLoadError, CheckpointSaveError, RunStopped) as err:
+        return _report(rank, f"run stopped: {err}", EXIT_STOPPED)
+    except KeyboardInterrupt:
+        return _report(rank, "interrupted by a second Ctrl-C: no checkpoint written for the steps since the last one",
+                       EXIT_INTERRUPTED)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
