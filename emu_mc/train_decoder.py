@@ -16,6 +16,7 @@ decoder.ema_decay > 0) is exported with the VAE and scheduler to <train.out_dir>
 generation loads with --decoder.
 """
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -44,13 +45,24 @@ def check_local_paths(cfg: DecoderJobConfig) -> None:
     from emu_mc.inference.settings import GenerationInputError
 
     try:
-        resolve_checkpoint(cfg.emu.checkpoint)
+        step_dir = resolve_checkpoint(cfg.emu.checkpoint)
     except GenerationInputError as err:
         raise ConfigError(f"emu.checkpoint: {str(err).split(': ', 1)[-1]}") from None
     for sub in ("unet", "vae", "scheduler"):
         if not os.path.isdir(os.path.join(cfg.decoder.init, sub)):
             raise ConfigError(f"decoder.init: {cfg.decoder.init} has no {sub}/ directory; give a decoder directory "
                               "(python -m emu_mc.convert sd-to-decoder, or emu_mc.inference.tiny_decoder)")
+    try:
+        with open(os.path.join(step_dir, "meta.json")) as f:
+            llm_width = json.load(f)["config"]["model"]["llm"]["hidden_size"]
+        with open(os.path.join(cfg.decoder.init, "unet", "config.json")) as f:
+            unet_width = json.load(f)["cross_attention_dim"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"emu.checkpoint / decoder.init: cannot read the model widths ({err})") from None
+    if unet_width != llm_width:
+        raise ConfigError(f"decoder.init: its UNet's cross_attention_dim is {unet_width}, but the LLM width of "
+                          f"emu.checkpoint is {llm_width}; convert with python -m emu_mc.convert sd-to-decoder "
+                          f"--llm-width {llm_width}")
     for i, src in enumerate(cfg.data.sources):
         if not [p for p in expand_shards(src.shards) if os.path.isfile(p)]:
             raise ConfigError(f"data.sources[{i}].shards: no file matches {src.shards!r}")
