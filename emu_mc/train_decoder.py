@@ -31,67 +31,85 @@ import torch.distributed as dist
 
 from emu_mc.config import ConfigError
 from emu_mc.decoder.config import DecoderJobConfig, decoder_config_to_dict, load_decoder_config
-from emu_mc.pretrain import (EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_STOPPED, RunStopped, StopRequest, TrainingDiverged,
-                             _count_nonfinite, _next_microbatches, _report, all_reduce_sum, setup_logging)
+from emu_mc.pretrain import setup_logging
+from emu_mc.run_loop import (EXIT_CONFIG, RunLoop, all_reduce_sum, count_nonfinite, next_batches, report,
+                             run_with_exit_code)
 
 log = logging.getLogger("emu_mc.train_decoder")
 
 
-def check_local_paths(cfg: DecoderJobConfig) -> None:
-    """What the run reads exists (before any process group): the Emu checkpoint, the decoder directory,
-    the shards. Raises ConfigError naming the field."""
+def check_local_paths(cfg: DecoderJobConfig) -> int:
+    """What the run reads exists and fits (before any process group): the Emu checkpoint or the
+    precomputed directory, the decoder directory (its UNet reads the LLM width), the shards. Returns the
+    LLM width. Raises ConfigError naming the field."""
     from emu_mc.data.shards import expand_shards
+    from emu_mc.decoder.precompute import META_FILE, shard_pattern
     from emu_mc.inference.loading import resolve_checkpoint
     from emu_mc.inference.settings import GenerationInputError
 
-    try:
-        step_dir = resolve_checkpoint(cfg.emu.checkpoint)
-    except GenerationInputError as err:
-        raise ConfigError(f"emu.checkpoint: {str(err).split(': ', 1)[-1]}") from None
     for sub in ("unet", "vae", "scheduler"):
         if not os.path.isdir(os.path.join(cfg.decoder.init, sub)):
             raise ConfigError(f"decoder.init: {cfg.decoder.init} has no {sub}/ directory; give a decoder directory "
                               "(python -m emu_mc.convert sd-to-decoder, or emu_mc.inference.tiny_decoder)")
+    if cfg.data.precomputed:
+        source, meta_path = "data.precomputed", os.path.join(cfg.data.precomputed, META_FILE)
+        if not os.path.isfile(meta_path) or not expand_shards(shard_pattern(cfg.data.precomputed)):
+            raise ConfigError(f"data.precomputed: {cfg.data.precomputed} holds no precomputed shards and {META_FILE} "
+                              "(write them with python -m emu_mc.decoder.precompute)")
+    else:
+        source = "emu.checkpoint"
+        try:
+            meta_path = os.path.join(resolve_checkpoint(cfg.emu.checkpoint), "meta.json")
+        except GenerationInputError as err:
+            raise ConfigError(f"emu.checkpoint: {str(err).split(': ', 1)[-1]}") from None
+        for i, src in enumerate(cfg.data.sources):
+            if not [p for p in expand_shards(src.shards) if os.path.isfile(p)]:
+                raise ConfigError(f"data.sources[{i}].shards: no file matches {src.shards!r}")
     try:
-        with open(os.path.join(step_dir, "meta.json")) as f:
-            llm_width = json.load(f)["config"]["model"]["llm"]["hidden_size"]
+        with open(meta_path) as f:
+            meta = json.load(f)
+        llm_width = meta["llm_width"] if cfg.data.precomputed else meta["config"]["model"]["llm"]["hidden_size"]
         with open(os.path.join(cfg.decoder.init, "unet", "config.json")) as f:
             unet_width = json.load(f)["cross_attention_dim"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"emu.checkpoint / decoder.init: cannot read the model widths ({err})") from None
+        raise ConfigError(f"{source} / decoder.init: cannot read the model widths ({err})") from None
     if unet_width != llm_width:
         raise ConfigError(f"decoder.init: its UNet's cross_attention_dim is {unet_width}, but the LLM width of "
-                          f"emu.checkpoint is {llm_width}; convert with python -m emu_mc.convert sd-to-decoder "
+                          f"{source} is {llm_width}; convert with python -m emu_mc.convert sd-to-decoder "
                           f"--llm-width {llm_width}")
-    for i, src in enumerate(cfg.data.sources):
-        if not [p for p in expand_shards(src.shards) if os.path.isfile(p)]:
-            raise ConfigError(f"data.sources[{i}].shards: no file matches {src.shards!r}")
+    return llm_width
 
 
 class DecoderRun:
-    """The frozen Emu and VAE, the UNet being trained (DDP over every rank), its optimizer and EMA."""
+    """The frozen Emu and VAE (online conditions) or the precomputed unconditional condition, the UNet
+    being trained (DDP over every rank), its optimizer and EMA."""
 
-    def __init__(self, cfg: DecoderJobConfig, device: torch.device):
+    def __init__(self, cfg: DecoderJobConfig, device: torch.device, llm_width: int):
         from diffusers import DDPMScheduler
 
         from emu_mc.decoder.condition import unconditional_condition
+        from emu_mc.decoder.precompute import UNCOND_FILE
         from emu_mc.inference.decoder import VisualDecoder
         from emu_mc.inference.loading import load_emu
-        from emu_mc.inference.settings import GenerationInputError
 
         self.cfg, self.device = cfg, device
-        self.emu = load_emu(cfg.emu.checkpoint, tokenizer=cfg.emu.tokenizer or None, device=device, tp=1,
-                            dtype=torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None)
-        self.emu.model.requires_grad_(False)
-        try:
-            decoder = VisualDecoder.load(cfg.decoder.init, llm_width=self.emu.cfg.model.llm.hidden_size, device=device)
-        except GenerationInputError as err:
-            raise ConfigError(f"decoder.init: {str(err).split(': ', 1)[-1]}") from None
+        self.autocast = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
+        self.emu = None
+        if not cfg.data.precomputed:
+            self.emu = load_emu(cfg.emu.checkpoint, tokenizer=cfg.emu.tokenizer or None, device=device, tp=1,
+                                dtype=self.autocast)
+            self.emu.model.requires_grad_(False)
+            self.uncond = unconditional_condition(self.emu).float()
+        else:
+            import numpy as np
+
+            self.uncond = torch.from_numpy(np.load(os.path.join(cfg.data.precomputed, UNCOND_FILE))).to(device)
+        decoder = VisualDecoder.load(cfg.decoder.init, llm_width=llm_width, device=device)
         self.vae = decoder.vae.requires_grad_(False).eval()
+        self.vae_scaling = getattr(self.vae.config, "scaling_factor", 0.18215)
         self.unet = decoder.unet.float().train()
         scheduler_config = DDPMScheduler.load_config(cfg.decoder.init, subfolder="scheduler", local_files_only=True)
         self.noise_scheduler = DDPMScheduler.from_config(scheduler_config, prediction_type=cfg.decoder.prediction_type)
-        self.uncond = unconditional_condition(self.emu).float()
         self.ddp = self.unet
         if dist.get_world_size() > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -103,19 +121,28 @@ class DecoderRun:
         self.ema = ({n: p.detach().float().clone() for n, p in self.unet.named_parameters()}
                     if cfg.decoder.ema_decay > 0 else None)
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + dist.get_rank())
-        self.autocast = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
 
-    def step(self, pairs, lr: float) -> dict:
-        """One optimizer step on this rank's pairs -> {'loss' (mean over ranks), 'grad_norm', 'dropped',
-        'skipped'}; a non-finite loss or gradient skips the update on every rank."""
+    def loss(self, batch, generator: torch.Generator):
+        """A PairBatch (online: Emu and the VAE run here) or a PrecomputedBatch -> (fp32 loss, dropped [B]
+        bool). Draws, in order, from `generator`: condition drops, the latent sample, noise and timesteps."""
         from emu_mc.decoder.condition import drop_conditions, teacher_forced_conditions
-        from emu_mc.decoder.objective import diffusion_loss, encode_latents
+        from emu_mc.decoder.data import PrecomputedBatch
+        from emu_mc.decoder.objective import diffusion_loss, sample_latents, vae_posterior
+
+        precomputed = isinstance(batch, PrecomputedBatch)
+        cond = batch.cond.to(self.device) if precomputed else \
+            teacher_forced_conditions(self.emu.model, batch.emu.to(self.device)).float()
+        cond, dropped = drop_conditions(cond, self.uncond, self.cfg.decoder.cond_drop_prob, generator)
+        mean, std = (batch.mean, batch.std) if precomputed else vae_posterior(self.vae, batch.pixels.to(self.device))
+        latents = sample_latents(mean.to(self.device), std.to(self.device), self.vae_scaling, generator)
+        return diffusion_loss(self.ddp, self.noise_scheduler, latents, cond, generator, self.autocast), dropped
+
+    def step(self, batch, lr: float) -> dict:
+        """One optimizer step on this rank's batch -> {'loss' (mean over ranks), 'grad_norm', 'dropped',
+        'skipped'}; a non-finite loss or gradient skips the update on every rank."""
         from emu_mc.decoder.state import update_ema
 
-        cond = teacher_forced_conditions(self.emu.model, pairs.emu.to(self.device)).float()
-        cond, dropped = drop_conditions(cond, self.uncond, self.cfg.decoder.cond_drop_prob, self.generator)
-        latents = encode_latents(self.vae, pairs.pixels.to(self.device), self.generator)
-        loss = diffusion_loss(self.ddp, self.noise_scheduler, latents, cond, self.generator, self.autocast)
+        loss, dropped = self.loss(batch, self.generator)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -158,28 +185,32 @@ class DecoderRun:
 
 def train(cfg: DecoderJobConfig) -> dict:
     """Run (or resume) the decoder-training job `cfg`. Returns the last step's metrics."""
-    from emu_mc.decoder.data import PairLoader
+    from emu_mc.decoder.data import pair_loader, precomputed_loader
     from emu_mc.parallel.groups import init_distributed
     from emu_mc.parallel.setup import device
 
+    llm_width = check_local_paths(cfg)
     init_distributed(1, 1, cfg.train.seed)
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
     torch.manual_seed(cfg.train.seed)
-    run = DecoderRun(cfg, device())
-    log.info("decoder training: DP %d on %s; Emu %s (frozen), UNet %.1fM params (%s), VAE frozen, cond_drop_prob %.2f",
-             world, torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)", run.emu.checkpoint,
-             sum(p.numel() for p in run.unet.parameters()) / 1e6, cfg.decoder.prediction_type,
+    run = DecoderRun(cfg, device(), llm_width)
+    conditions = f"precomputed ({cfg.data.precomputed})" if cfg.data.precomputed else \
+        f"online from the frozen Emu {run.emu.checkpoint} and VAE"
+    log.info("decoder training: DP %d on %s; UNet %.1fM params (%s), conditions %s, cond_drop_prob %.2f", world,
+             torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)",
+             sum(p.numel() for p in run.unet.parameters()) / 1e6, cfg.decoder.prediction_type, conditions,
              cfg.decoder.cond_drop_prob)
-    loader = PairLoader(cfg, run.emu.cfg, run.emu.tokenizer, run.emu.ids, seed=cfg.train.seed, dp_rank=rank,
-                        dp_size=world)
+    if cfg.data.precomputed:
+        loader = precomputed_loader(cfg, seed=cfg.train.seed, dp_rank=rank, dp_size=world)
+    else:
+        loader = pair_loader(cfg, run.emu, seed=cfg.train.seed, dp_rank=rank, dp_size=world)
     return _train_loop(cfg, run, loader)
 
 
 def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
-    from emu_mc.checkpoint import Checkpointer, any_rank, capture_rng_state, restore_rng_state
+    from emu_mc.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
     from emu_mc.decoder.state import copy_loaded, sharded
-    from emu_mc.metrics import RunLogger
     from emu_mc.schedule import decay_horizon, lr_at
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -216,26 +247,19 @@ def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
                  cfg.train.steps)
         return {}
 
-    run_log = RunLogger(cfg.train.out_dir, enabled=rank == 0, resume_step=start_step)
-    stop = StopRequest()
-    progress = None
-    if rank == 0:
-        from tqdm import tqdm
-        progress = tqdm(total=cfg.train.steps, initial=start_step, desc="decoder", dynamic_ncols=True,
-                        disable=not sys.stderr.isatty())
     metrics = {}
-    try:
-        for step in range(start_step, cfg.train.steps):
+    with RunLoop(cfg.train, start_step, rank, "decoder", log) as loop:
+        for step in loop.steps():
             lr = lr_at(step, cfg.optim, decay_horizon(cfg.optim, cfg.train.steps))
             t0 = time.perf_counter()
-            (pairs,) = _next_microbatches(loader, 1)
+            (pairs,) = next_batches(loader, 1)
             t_data = time.perf_counter() - t0
             out = run.step(pairs, lr)
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            _count_nonfinite(out, step, counters)
-            images, dropped, skipped = all_reduce_sum([pairs.pixels.shape[0], out["dropped"], loader.samples_skipped],
+            count_nonfinite(out, step, counters)
+            images, dropped, skipped = all_reduce_sum([pairs.size, out["dropped"], loader.samples_skipped],
                                                       run.device)
             counters["pairs"] += int(images)
             counters["dropped"] += int(dropped)
@@ -243,30 +267,14 @@ def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
                        "data_time_s": t_data, "images_per_s": images / dt,
                        "cond_drop_rate": counters["dropped"] / max(counters["pairs"], 1),
                        "skipped_steps": counters["skipped_steps"], "data_skipped_samples": round(skipped)}
-            run_log.log(step + 1, metrics)
-            if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step == start_step):
-                log.info("step %d/%d | loss %.4f | grad %.3f | lr %.2e | %.2fs (data %.2fs) | %.1f img/s | "
-                         "cond dropped %.1f%%", step + 1, cfg.train.steps, out["loss"], out["grad_norm"], lr, dt,
-                         t_data, metrics["images_per_s"], 100 * metrics["cond_drop_rate"])
-            limit = cfg.train.max_consecutive_nonfinite
-            if counters["nonfinite_in_a_row"] >= limit:
-                raise TrainingDiverged(f"{limit} consecutive non-finite steps (train.max_consecutive_nonfinite = "
-                                       f"{limit}); stopping. Lower optim.lr or check the data.")
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{out['loss']:.3f}")
-            last = step + 1 == cfg.train.steps and cfg.train.save_final
-            due = cfg.train.checkpoint_every > 0 and (step + 1) % cfg.train.checkpoint_every == 0
-            stopping = any_rank(stop.requested)
-            if due or last or stopping:
-                save(step + 1)
-            if stopping:
-                log.info("stopped by signal after step %d; run the same command to resume", step + 1)
+
+            def console_line() -> str:
+                return (f"step {step + 1}/{cfg.train.steps} | loss {out['loss']:.4f} | grad {out['grad_norm']:.3f} | "
+                        f"lr {lr:.2e} | {dt:.2f}s (data {t_data:.2f}s) | {metrics['images_per_s']:.1f} img/s | "
+                        f"cond dropped {100 * metrics['cond_drop_rate']:.1f}%")
+
+            if loop.finish(step, out, counters, metrics, console_line, save):
                 return metrics
-    finally:
-        if progress is not None:
-            progress.close()
-        run_log.close()
     if rank == 0:
         log.info("exported the decoder to %s (generation: --decoder DIR)", run.export(cfg.train.out_dir))
     dist.barrier()
@@ -289,23 +297,9 @@ def main(argv=None) -> int:
             return 0
         check_local_paths(cfg)
     except (ConfigError, OSError) as err:
-        return _report(rank, f"config error: {err}", EXIT_CONFIG)
+        return report(rank, f"config error: {err}", EXIT_CONFIG)
     setup_logging(rank)
-    from emu_mc.checkpoint import CheckpointLoadError, CheckpointSaveError
-    from emu_mc.parallel.groups import destroy_distributed
-
-    try:
-        train(cfg)
-    except ConfigError as err:
-        return _report(rank, f"config error: {err}", EXIT_CONFIG)
-    except (TrainingDiverged, CheckpointLoadError, CheckpointSaveError, RunStopped) as err:
-        return _report(rank, f"run stopped: {err}", EXIT_STOPPED)
-    except KeyboardInterrupt:
-        return _report(rank, "interrupted by a second Ctrl-C: no checkpoint written for the steps since the last one",
-                       EXIT_INTERRUPTED)
-    finally:
-        destroy_distributed()
-    return 0
+    return run_with_exit_code(lambda: train(cfg), rank)
 
 
 if __name__ == "__main__":

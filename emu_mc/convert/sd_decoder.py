@@ -69,7 +69,8 @@ def sd_to_decoder(sd_dir: str, llm_width: int, out_dir: str, seed: int = 0) -> d
             shutil.copytree(os.path.join(sd_dir, sub), os.path.join(tmp, sub))
     summary = {"source": os.path.abspath(sd_dir), "llm_width": llm_width, "clip_width": old_width,
                "new_layers": len(replaced), "new_layer_names": replaced,
-               "init": f"nn.Linear default (kaiming-uniform: U(-1/sqrt({llm_width}), 1/sqrt({llm_width}))), seed {seed}",
+               "init": f"nn.Linear default (kaiming-uniform: U(-1/sqrt({llm_width}), 1/sqrt({llm_width}))), "
+                       f"seed {seed}",
                "dropped": [d for d in ("text_encoder", "tokenizer") if os.path.isdir(os.path.join(sd_dir, d))],
                "unet_params": sum(p.numel() for p in unet.parameters())}
     with open(os.path.join(tmp, CONVERSION_FILE), "w") as f:

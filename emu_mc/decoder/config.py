@@ -39,6 +39,9 @@ class DecoderDataConfig:
     """Image-text WebDataset shards (the image_text layout of emu_mc/data/sources.py)."""
 
     sources: List[SourceConfig] = field(default_factory=list)
+    # A directory from `python -m emu_mc.decoder.precompute`: train on its conditions and VAE posteriors
+    # (no Emu, no VAE in the loop); data.sources and emu.checkpoint are then unused. "" = online.
+    precomputed: str = ""
     micro_batch_size: int = 4  # pairs per step and data-parallel rank
     # A document longer than this many tokens (caption + image block) is skipped (counted).
     max_caption_tokens: int = 64
@@ -56,13 +59,15 @@ class DecoderJobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "DecoderJobConfig":
-        _require(self.emu.checkpoint.strip() != "", "emu.checkpoint", "a pretraining checkpoint (run dir or step_N/)")
+        d = self.data
+        if not d.precomputed:
+            _require(self.emu.checkpoint.strip() != "", "emu.checkpoint",
+                     "a pretraining checkpoint (run dir or step_N/), or set data.precomputed")
+            _require(len(d.sources) > 0, "data.sources", "at least one image_text source, or set data.precomputed")
         _require(self.decoder.init.strip() != "", "decoder.init", "a decoder directory (unet/, vae/, scheduler/)")
         _require(self.decoder.resolution >= 8, "decoder.resolution", ">= 8")
         _require(0.0 <= self.decoder.cond_drop_prob < 1.0, "decoder.cond_drop_prob", "in [0, 1)")
         _require(0.0 <= self.decoder.ema_decay < 1.0, "decoder.ema_decay", "in [0, 1) (0 = no EMA)")
-        d = self.data
-        _require(len(d.sources) > 0, "data.sources", "at least one image_text source")
         for i, src in enumerate(d.sources):
             _require(src.kind == "image_text", f"data.sources[{i}].kind", "image_text (decoder training reads pairs)")
             _require(src.shards.strip() != "", f"data.sources[{i}].shards", "a path, glob or brace pattern")
@@ -72,7 +77,8 @@ class DecoderJobConfig:
         _require(0.0 <= d.max_failure_fraction <= 1.0, "data.max_failure_fraction", "in [0, 1]")
         _require(self.train.steps >= 1, "train.steps", ">= 1")
         _require(self.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1")
-        _require(self.train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0 = only at the end and on SIGTERM)")
+        _require(self.train.checkpoint_every >= 0, "train.checkpoint_every",
+                 ">= 0 (0 = only at the end and on SIGTERM)")
         _require(self.train.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", ">= 1")
         _require(self.optim.decay_steps is None or self.optim.decay_steps >= 1, "optim.decay_steps", ">= 1, or null")
         return self

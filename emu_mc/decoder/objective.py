@@ -12,13 +12,17 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """pixels [B, 3, R, R] in [-1, 1] -> latents float32 [B, C, R/f, R/f], scaled by the VAE's factor
-    (a sample of its posterior, drawn from the CPU `generator`)."""
+def vae_posterior(vae, pixels: torch.Tensor):
+    """pixels [B, 3, R, R] in [-1, 1] -> the VAE posterior's (mean, std), float32 [B, C, R/f, R/f] each."""
     posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
-    latents = posterior.mean + posterior.std * noise
-    return latents.float() * getattr(vae.config, "scaling_factor", 0.18215)
+    return posterior.mean.float(), posterior.std.float()
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """A draw of the posterior (noise from the CPU `generator`) scaled by the VAE's factor: float32 [B, C, h, w]."""
+    noise = torch.randn(mean.shape, generator=generator).to(mean)
+    return (mean + std * noise) * scaling_factor
 
 
 def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,

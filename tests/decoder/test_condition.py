@@ -51,13 +51,13 @@ def test_dropped_condition_is_generations_unconditional_one(tiny_emu):
 
 def test_pairs_from_the_bundled_shards(tiny_emu):
     from emu_mc.decoder.config import decoder_config_from_dict
-    from emu_mc.decoder.data import PairLoader
+    from emu_mc.decoder.data import pair_loader
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     shards = os.path.join(root, "data/sample/image_text/laion-{000000..000001}.tar")
     cfg = decoder_config_from_dict({"emu": {"checkpoint": "x"}, "decoder": {"init": "x", "resolution": 24},
                                     "data": {"sources": [{"shards": shards}], "micro_batch_size": 3}})
-    loader = PairLoader(cfg, tiny_emu.cfg, tiny_emu.tokenizer, tiny_emu.ids, seed=0, dp_rank=0, dp_size=1)
+    loader = pair_loader(cfg, tiny_emu, seed=0, dp_rank=0, dp_size=1)
     pairs = next(loader)
     q = tiny_emu.cfg.model.resampler.num_queries
     assert pairs.pixels.shape == (3, 3, 24, 24) and -1 <= pairs.pixels.min() < pairs.pixels.max() <= 1

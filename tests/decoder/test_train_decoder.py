@@ -15,13 +15,6 @@ CONFIG = os.path.join(ROOT, "configs/decoder_tiny.yaml")
 SHARDS = os.path.join(ROOT, "data/sample/image_text/laion-{000000..000001}.tar")
 
 
-@pytest.fixture(scope="module")
-def decoder_init(tmp_path_factory):
-    from emu_mc.inference.tiny_decoder import write_tiny_decoder
-
-    return write_tiny_decoder(str(tmp_path_factory.mktemp("init") / "decoder"), cross_attention_dim=64, sample_size=8)
-
-
 def overrides(tiny_run, decoder_init, out_dir, steps):
     return ["--emu.checkpoint", tiny_run, "--decoder.init", decoder_init, "--decoder.resolution", "16",
             "--data.sources.0.shards", SHARDS, "--train.out_dir", str(out_dir), "--train.steps", str(steps),
