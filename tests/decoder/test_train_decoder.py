@@ -1,14 +1,18 @@
 """Decoder training on CPU: the tiny UNet/VAE on the bundled pairs, conditioned by a tiny pretraining
-checkpoint. Loss finite and falling, checkpoint + exact resume, export -> generation, one-line errors,
-and two gloo ranks under torchrun."""
+checkpoint. Loss finite and falling, checkpoint + exact resume (also after kill -9), EMA and v-prediction
+export -> generation, one-line errors, and two gloo ranks under torchrun."""
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
 from emu_mc.train_decoder import main, train
-from tests.torchrun_utils import torchrun
+from tests.torchrun_utils import child_env, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs/decoder_tiny.yaml")
@@ -78,3 +82,50 @@ def test_two_gloo_ranks(tiny_run, decoder_init, tmp_path):
     assert len(losses(out)) == 2 and os.path.isdir(out / "decoder" / "unet")
     with open(out / "checkpoints" / "step_000002" / "meta.json") as f:
         assert json.load(f)["dp"] == 2
+
+
+def test_ema_export_and_v_prediction(tiny_run, decoder_init, tmp_path):
+    """With decoder.ema_decay 0.5 the exported UNet after one step is 0.5 * (init + step-1 weights); the
+    exported scheduler carries v_prediction, and generation runs it."""
+    from diffusers import UNet2DConditionModel
+
+    from emu_mc.inference import ImageSettings, Request, VisualDecoder, generate_images, load_emu
+
+    v_pred = ["--decoder.prediction_type", "v_prediction"]
+    run(overrides(tiny_run, decoder_init, tmp_path / "raw", 1) + v_pred)
+    run(overrides(tiny_run, decoder_init, tmp_path / "ema", 1) + v_pred + ["--decoder.ema_decay", "0.5"])
+
+    def weights(path, sub="unet"):
+        return UNet2DConditionModel.from_pretrained(path, subfolder=sub, low_cpu_mem_usage=False).state_dict()
+
+    init, raw, ema = weights(decoder_init), weights(tmp_path / "raw" / "decoder"), weights(tmp_path / "ema" / "decoder")
+    changed = [name for name in init if not torch.equal(raw[name], init[name])]
+    assert changed
+    for name in changed:
+        torch.testing.assert_close(ema[name], 0.5 * (init[name] + raw[name]), atol=1e-6, rtol=0)
+    with open(tmp_path / "ema" / "decoder" / "scheduler" / "scheduler_config.json") as f:
+        assert json.load(f)["prediction_type"] == "v_prediction"
+    decoder = VisualDecoder.load(str(tmp_path / "ema" / "decoder"), llm_width=64)
+    images, _ = generate_images(load_emu(tiny_run), decoder, [Request("a cat")], ImageSettings(steps=2))
+    assert images[0].shape == (16, 16, 3)
+
+
+def test_kill_9_and_resume(tiny_run, decoder_init, tmp_path):
+    """A run killed with SIGKILL after a checkpoint and started again logs the uninterrupted run's losses
+    (both in subprocesses: the same thread count, so the same float reductions)."""
+    def command(out_dir):
+        args = overrides(tiny_run, decoder_init, out_dir, 8) + ["--train.checkpoint_every", "2"]
+        return [sys.executable, "-m", "emu_mc.train_decoder", "--config", CONFIG, *args]
+
+    cmd = command(tmp_path / "killed")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL and latest.exists(), "not killed after a checkpoint"
+    for again in (cmd, command(tmp_path / "whole")):
+        subprocess.run(again, cwd=ROOT, env=child_env(), check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=180)
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
