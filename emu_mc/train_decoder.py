@@ -32,6 +32,7 @@ import torch.distributed as dist
 from emu_mc.config import ConfigError
 from emu_mc.decoder.config import DecoderJobConfig, decoder_config_to_dict, load_decoder_config
 from emu_mc.pretrain import setup_logging
+from emu_mc.profiling import maybe_profile
 from emu_mc.run_loop import (EXIT_CONFIG, RunLoop, all_reduce_sum, count_nonfinite, next_batches, report,
                              run_with_exit_code)
 
@@ -254,9 +255,10 @@ def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
             t0 = time.perf_counter()
             (pairs,) = next_batches(loader, 1)
             t_data = time.perf_counter() - t0
-            out = run.step(pairs, lr)
-            if run.device.type == "cuda":
-                torch.cuda.synchronize()
+            with maybe_profile(cfg.train.profile_step, step + 1, cfg.train.out_dir, rank):
+                out = run.step(pairs, lr)
+                if run.device.type == "cuda":
+                    torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             count_nonfinite(out, step, counters)
             images, dropped, skipped = all_reduce_sum([pairs.size, out["dropped"], loader.samples_skipped],

@@ -8,7 +8,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence
 
-from emu_mc.config import ConfigError, OptimConfig, SourceConfig, TrainConfig, _build, _require, load_tree
+from emu_mc.config import (ConfigError, OptimConfig, SourceConfig, TrainConfig, _build, _require, check_run_fields,
+                           load_tree)
 
 
 @dataclass
@@ -75,12 +76,7 @@ class DecoderJobConfig:
         _require(d.micro_batch_size >= 1, "data.micro_batch_size", ">= 1")
         _require(d.max_caption_tokens >= 1, "data.max_caption_tokens", ">= 1")
         _require(0.0 <= d.max_failure_fraction <= 1.0, "data.max_failure_fraction", "in [0, 1]")
-        _require(self.train.steps >= 1, "train.steps", ">= 1")
-        _require(self.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1")
-        _require(self.train.checkpoint_every >= 0, "train.checkpoint_every",
-                 ">= 0 (0 = only at the end and on SIGTERM)")
-        _require(self.train.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", ">= 1")
-        _require(self.optim.decay_steps is None or self.optim.decay_steps >= 1, "optim.decay_steps", ">= 1, or null")
+        check_run_fields(self.train, self.optim)
         return self
 
 

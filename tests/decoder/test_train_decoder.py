@@ -129,3 +129,23 @@ def test_kill_9_and_resume(tiny_run, decoder_init, tmp_path):
         subprocess.run(again, cwd=ROOT, env=child_env(), check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=180)
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+
+
+def test_bad_data_stops_the_run_in_one_line(tiny_run, decoder_init, tmp_path, capsys):
+    """Shards of undecodable images: the samples are skipped and counted, then the run stops (exit 1)
+    with pretraining's one-line data error."""
+    import io
+    import tarfile
+
+    shard = tmp_path / "bad-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(6):
+            for ext, data in (("jpg", b"not a jpeg"), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"s{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    args = overrides(tiny_run, decoder_init, tmp_path / "out", 2)
+    args += ["--data.sources.0.shards", str(shard), "--data.failure_check_after", "4"]
+    code = main(["--config", CONFIG, *args])
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]
+    assert code == 1 and len(err) == 1 and err[0].startswith("run stopped: data: ") and "corrupt_image" in err[0], err
