@@ -164,8 +164,8 @@ class DecoderRun:
         return decoder_tensors(self.unet, self.optimizer, self.ema)
 
     def export(self, out_dir: str) -> str:
-        """Rank 0: the UNet (its EMA when kept), the VAE and the scheduler (prediction_type set) as a
-        diffusers directory, written under a temporary name and renamed."""
+        """Rank 0: the UNet (its EMA when kept), the VAE and decoder.init's scheduler (prediction_type set to
+        the trained one) as a diffusers directory, written under a temporary name and renamed."""
         final, tmp = os.path.join(out_dir, "decoder"), os.path.join(out_dir, "decoder.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         weights = {n: p.detach().clone() for n, p in self.unet.named_parameters()}
@@ -177,8 +177,13 @@ class DecoderRun:
         with torch.no_grad():
             for name, param in self.unet.named_parameters():
                 param.copy_(weights[name])
-        shutil.copytree(os.path.join(self.cfg.decoder.init, "vae"), os.path.join(tmp, "vae"))
-        self.noise_scheduler.save_pretrained(os.path.join(tmp, "scheduler"))  # DDPM config; generation picks PNDM
+        for sub in ("vae", "scheduler"):
+            shutil.copytree(os.path.join(self.cfg.decoder.init, sub), os.path.join(tmp, sub))
+        config_path = os.path.join(tmp, "scheduler", "scheduler_config.json")
+        with open(config_path) as f:
+            scheduler_config = json.load(f)
+        with open(config_path, "w") as f:  # the sampler must predict what the UNet was trained to predict
+            json.dump({**scheduler_config, "prediction_type": self.cfg.decoder.prediction_type}, f, indent=2)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final

@@ -104,7 +104,9 @@ def test_ema_export_and_v_prediction(tiny_run, decoder_init, tmp_path):
     for name in changed:
         torch.testing.assert_close(ema[name], 0.5 * (init[name] + raw[name]), atol=1e-6, rtol=0)
     with open(tmp_path / "ema" / "decoder" / "scheduler" / "scheduler_config.json") as f:
-        assert json.load(f)["prediction_type"] == "v_prediction"
+        scheduler = json.load(f)
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["_class_name"] == "PNDMScheduler"
+    assert scheduler["skip_prk_steps"]  # decoder.init's sampler settings kept
     decoder = VisualDecoder.load(str(tmp_path / "ema" / "decoder"), llm_width=64)
     images, _ = generate_images(load_emu(tiny_run), decoder, [Request("a cat")], ImageSettings(steps=2))
     assert images[0].shape == (16, 16, 3)
