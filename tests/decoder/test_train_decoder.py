@@ -76,6 +76,7 @@ def test_bad_config_one_line(tiny_run, decoder_init, tmp_path, capsys, extra, me
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks(tiny_run, decoder_init, tmp_path):
     out = tmp_path / "dp2"
     torchrun("emu_mc/train_decoder.py", ["--config", CONFIG, *overrides(tiny_run, decoder_init, out, 2)], timeout=240)
@@ -112,6 +113,7 @@ def test_ema_export_and_v_prediction(tiny_run, decoder_init, tmp_path):
     assert images[0].shape == (16, 16, 3)
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume(tiny_run, decoder_init, tmp_path):
     """A run killed with SIGKILL after a checkpoint and started again logs the uninterrupted run's losses
     (both in subprocesses: the same thread count, so the same float reductions)."""
