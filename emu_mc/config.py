@@ -269,13 +269,7 @@ class Config:
         _require(0.0 <= r.dropout < 1.0, "model.resampler.dropout", "in [0, 1)")
         _require(0.0 <= self.data.max_failure_fraction <= 1.0, "data.max_failure_fraction", "in [0, 1]")
         d = self.data
-        _require(self.train.steps >= 1, "train.steps", ">= 1")
-        _require(self.optim.decay_steps is None or self.optim.decay_steps >= 1, "optim.decay_steps",
-                 ">= 1, or null for train.steps")
-        _require(self.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1")
-        _require(self.train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0 = only at the end and on SIGTERM)")
-        _require(self.train.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", ">= 1")
-        _require(self.train.profile_step >= 0, "train.profile_step", ">= 0 (0 = off)")
+        check_run_fields(self.train, self.optim)
         _require(d.micro_batch_size >= 1, "data.micro_batch_size", ">= 1")
         _require(d.frames_per_video >= 1, "data.frames_per_video", ">= 1")
         _require(d.num_workers >= 0, "data.num_workers", ">= 0")
@@ -289,6 +283,16 @@ class Config:
                 _require(src.weight >= 0.0, f"data.sources[{i}].weight", ">= 0")
             _require(sum(src.weight for src in d.sources) > 0, "data.sources", "at least one source with weight > 0")
         return self
+
+
+def check_run_fields(train: TrainConfig, optim: OptimConfig) -> None:
+    """The rules on the run and optimizer sections, which every training stage shares."""
+    _require(train.steps >= 1, "train.steps", ">= 1")
+    _require(optim.decay_steps is None or optim.decay_steps >= 1, "optim.decay_steps", ">= 1, or null for train.steps")
+    _require(train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1")
+    _require(train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0 = only at the end and on SIGTERM)")
+    _require(train.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", ">= 1")
+    _require(train.profile_step >= 0, "train.profile_step", ">= 0 (0 = off)")
 
 
 def _check_stage_layers(p: ParallelConfig, num_layers: int) -> None:
@@ -448,15 +452,20 @@ def config_from_dict(tree: Dict[str, Any]) -> Config:
     return _build(Config, tree, "").validate()
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Read YAML at `path` (or defaults), apply dotted CLI overrides, validate. Raises ConfigError."""
+def load_tree(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """The YAML at `path` (or {}) with dotted CLI overrides applied, not yet typed. Raises ConfigError."""
     tree: Dict[str, Any] = {}
     if path is not None:
         with open(path) as f:
             tree = _yaml(f.read(), path) or {}
     for key, value in parse_overrides(list(overrides)).items():
         _set_dotted(tree, key, value)
-    return config_from_dict(tree)
+    return tree
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read YAML at `path` (or defaults), apply dotted CLI overrides, validate. Raises ConfigError."""
+    return config_from_dict(load_tree(path, overrides))
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:

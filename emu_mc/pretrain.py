@@ -12,7 +12,6 @@ sharded checkpoint. A run restarted with the same out_dir resumes from its lates
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 import warnings
@@ -26,57 +25,13 @@ import torch.distributed as dist
 from emu_mc.config import Config, ConfigError, config_to_dict, load_config
 from emu_mc.profiling import maybe_profile
 from emu_mc.model.document_attention import resolve_attention_impl
+from emu_mc.run_loop import (EXIT_CONFIG, RunLoop, all_reduce_sum, count_nonfinite, next_batches, report,
+                             run_with_exit_code)
 
 log = logging.getLogger("emu_mc.pretrain")
 
 
-# Exit codes: 0 done (or stopped by a signal, with its checkpoint); 1 the run stopped (damaged or
-# unwritable checkpoint, unusable data, divergence); 2 bad config or user input (nothing was changed);
-# 130 interrupted by a second Ctrl-C (no checkpoint). Each is reported as one line, by rank 0.
-EXIT_STOPPED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 NO_IMAGE_STEPS = 10  # steps in a row without an image after which the run warns (reg is not training)
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row (train.max_consecutive_nonfinite)."""
-
-
-class RunStopped(RuntimeError):
-    """An error on some rank (e.g. DataError) that every rank stops for; the message is that rank's."""
-
-
-class StopRequest:
-    """Set by SIGTERM or a first SIGINT (Ctrl-C): the loop checkpoints and exits cleanly at the end of
-    the current step. A second SIGINT interrupts at once (KeyboardInterrupt), without a checkpoint.
-
-    Python runs a handler once for several deliveries of a signal that arrive while the main thread
-    is inside one C call (a long matmul or collective): two Ctrl-C would count as one. So deliveries
-    are counted from the wakeup pipe, where the interpreter writes one byte per delivery."""
-
-    def __init__(self):
-        self.requested = False
-        self.interrupts = 0
-        self._deliveries, wakeup = os.pipe()
-        for fd in (self._deliveries, wakeup):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(wakeup)
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _delivered(self, signum: int) -> int:
-        try:
-            return max(os.read(self._deliveries, 4096).count(signum), 1)
-        except BlockingIOError:
-            return 1
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT:
-            self.interrupts += self._delivered(signum)
-            if self.interrupts >= 2:
-                raise KeyboardInterrupt
-        self.requested = True
-        log.warning("%s received: checkpointing after this step, then exiting%s", signal.Signals(signum).name,
-                    " (Ctrl-C again to interrupt without a checkpoint)" if signum == signal.SIGINT else "")
 
 
 def setup_logging(rank: int) -> None:
@@ -121,12 +76,6 @@ def check_local_paths(cfg: Config) -> None:
         source_shards(cfg)
 
 
-def all_reduce_sum(values, device):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def train(cfg: Config) -> dict:
     """Run (or resume) the job described by `cfg`. Returns the last step's metrics."""
     from megatron.core import parallel_state
@@ -155,9 +104,9 @@ def train(cfg: Config) -> dict:
 
 
 def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: int) -> dict:
-    from emu_mc.checkpoint import (Checkpointer, any_rank, capture_rng_state, check_same_model, load_training_state,
+    from emu_mc.checkpoint import (Checkpointer, capture_rng_state, check_same_model, load_training_state,
                                    optimizer_checkpoint_format, restore_rng_state, training_state)
-    from emu_mc.metrics import (RunLogger, device_peak_flops, flops_per_attention_pair, flops_per_image, flops_per_token,
+    from emu_mc.metrics import (device_peak_flops, flops_per_attention_pair, flops_per_image, flops_per_token,
                                 run_summary)
     from emu_mc.model.document_attention import causal_pairs
     from emu_mc.parallel.setup import device, train_step, vision_seconds_per_tp_rank
@@ -209,21 +158,13 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     flop_pair = flops_per_attention_pair(cfg.model)
     flop_image = flops_per_image(cfg.model)
     peak = device_peak_flops()
-    run_log = RunLogger(cfg.train.out_dir, enabled=rank == 0, resume_step=start_step)
-    stop = StopRequest()
-    progress = None
-    if rank == 0:
-        from tqdm import tqdm
-        progress = tqdm(total=cfg.train.steps, initial=start_step, desc="pretrain", dynamic_ncols=True,
-                        disable=not sys.stderr.isatty())
-
     metrics, steps_without_images = {}, 0
     totals, t_start, step = {"tokens": 0.0, "images": 0.0}, time.perf_counter(), start_step - 1
-    try:
-        for step in range(start_step, cfg.train.steps):
+    with RunLoop(cfg.train, start_step, rank, "pretrain", log) as loop:
+        for step in loop.steps():
             lr = lr_at(step, cfg.optim, decay_horizon(cfg.optim, cfg.train.steps))
             t0 = time.perf_counter()
-            microbatches = _next_microbatches(loader, cfg.parallel.num_microbatches)
+            microbatches = next_batches(loader, cfg.parallel.num_microbatches)
             t_data = time.perf_counter() - t0
             with maybe_profile(cfg.train.profile_step, step + 1, cfg.train.out_dir, rank):
                 out = train_step(model_chunks, optimizer, microbatches, lr)
@@ -231,7 +172,7 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
                     torch.cuda.synchronize()
             dt = time.perf_counter() - t0
 
-            _count_nonfinite(out, step, counters)
+            count_nonfinite(out, step, counters)
             # every TP x PP rank of a DP replica holds the same batch and loader: count it once
             tokens, pairs, images, skipped = all_reduce_sum(
                 [n / (dims.tp * dims.pp) for n in (sum(b.num_tokens for b in microbatches),
@@ -250,59 +191,26 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
                 "data_skipped_samples": round(skipped),
                 "vision_time_s": max(vision_s), "vision_time_s_per_rank": vision_s,
             }
-            run_log.log(step + 1, metrics)
-            if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step == start_step):
+
+            def console_line() -> str:
                 mfu = f"{metrics['mfu']:.1%}" if metrics["mfu"] is not None else "n/a"
-                log.info("step %d/%d | loss %.4f ce %.4f reg %.4f | grad %.3f | lr %.2e | %.2fs (data %.2fs) | "
-                         "%.0f tok/s %.1f img/s | mfu %s", step + 1, cfg.train.steps, out["loss"], out["ce"],
-                         out["reg"], out["grad_norm"], lr, dt, t_data, metrics["tokens_per_s"],
-                         metrics["images_per_s"], mfu)
-            limit = cfg.train.max_consecutive_nonfinite
-            if counters["nonfinite_in_a_row"] >= limit:
-                raise TrainingDiverged(f"{limit} consecutive non-finite steps (train.max_consecutive_nonfinite = "
-                                       f"{limit}); stopping. Lower optim.lr or check the data.")
+                return (f"step {step + 1}/{cfg.train.steps} | loss {out['loss']:.4f} ce {out['ce']:.4f} reg "
+                        f"{out['reg']:.4f} | grad {out['grad_norm']:.3f} | lr {lr:.2e} | {dt:.2f}s "
+                        f"(data {t_data:.2f}s) "
+                        f"| {metrics['tokens_per_s']:.0f} tok/s {metrics['images_per_s']:.1f} img/s | mfu {mfu}")
+
             steps_without_images = 0 if images else steps_without_images + 1
             if steps_without_images == NO_IMAGE_STEPS and rank == 0 and cfg.data.kind == "webdataset":
                 _warn_no_images(cfg, loader.stats())
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{out['loss']:.3f}")
-
-            last = step + 1 == cfg.train.steps and cfg.train.save_final
-            due = cfg.train.checkpoint_every > 0 and (step + 1) % cfg.train.checkpoint_every == 0
-            stopping = any_rank(stop.requested)
-            if due or last or stopping:
-                save(step + 1)
-            if stopping:
-                log.info("stopped by signal after step %d; run the same command to resume", step + 1)
+            if loop.finish(step, out, counters, metrics, console_line, save):
                 break
-    finally:
-        if progress is not None:
-            progress.close()
-        run_log.close()
     if rank == 0:
         log.info("%s", run_summary(first_step=start_step, last_step=step + 1, tokens=totals["tokens"],
                                    images=totals["images"], wall_s=time.perf_counter() - t_start, metrics=metrics,
                                    data_stats=loader.stats(), checkpoint=checkpointer.latest(),
-                                   out_dir=cfg.train.out_dir, tensorboard=run_log.tb is not None))
+                                   out_dir=cfg.train.out_dir, tensorboard=loop.run_log.tb is not None))
         log.debug("data: %s", loader.stats())
     return metrics
-
-
-def _next_microbatches(loader, count: int) -> list:
-    """`count` batches from the loader. Collective: when the loader fails on any rank (DataError),
-    every rank raises RunStopped with that rank's message, so none is left waiting in a collective."""
-    from emu_mc.checkpoint import first_error
-    from emu_mc.data import DataError
-
-    try:
-        batches, error = [next(loader) for _ in range(count)], None
-    except DataError as err:
-        batches, error = [], f"data: {err}"
-    error = first_error(error)
-    if error is not None:
-        raise RunStopped(error)
-    return batches
 
 
 def _warn_no_images(cfg: Config, stats: dict) -> None:
@@ -323,17 +231,6 @@ def _check_reshardable(optimizer_format: str, saved, current) -> None:
             "train.optimizer_checkpoint: fully_reshardable (needs apex or transformer-engine)")
 
 
-def _count_nonfinite(out: dict, step: int, counters: dict) -> None:
-    """Count skipped (non-finite) steps, in total and in a row."""
-    if not out["skipped"]:
-        counters["nonfinite_in_a_row"] = 0
-        return
-    counters["nonfinite_in_a_row"] += 1
-    counters["skipped_steps"] += 1
-    log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
-                step + 1, out["loss"], out["grad_norm"], counters["nonfinite_in_a_row"])
-
-
 def main(argv=None) -> int:
     from emu_mc.parallel.groups import ParallelDims
 
@@ -351,39 +248,13 @@ def main(argv=None) -> int:
         ParallelDims(int(os.environ.get("WORLD_SIZE", 1)), cfg.parallel.tensor_parallel,
                      cfg.parallel.pipeline_parallel).check()
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        return _report(rank, f"config error: {err}", EXIT_CONFIG)
+        return report(rank, f"config error: {err}", EXIT_CONFIG)
     setup_logging(rank)
     from emu_mc.config import document_fit_warnings
 
     for warning in document_fit_warnings(cfg) if rank == 0 else []:
         log.warning("%s", warning)
-    return _run(cfg, rank)
-
-
-def _run(cfg: Config, rank: int) -> int:
-    """train(cfg), its expected failures as one line from rank 0 and an exit code (see EXIT_*)."""
-    from emu_mc.checkpoint import CheckpointLoadError, CheckpointSaveError
-    from emu_mc.convert.errors import ConversionError
-
-    try:
-        train(cfg)
-    except (ConfigError, ConversionError) as err:  # ConversionError: init_from weights that do not fit
-        return _report(rank, f"config error: {err}", EXIT_CONFIG)
-    except (TrainingDiverged, CheckpointLoadError, CheckpointSaveError, RunStopped) as err:
-        return _report(rank, f"run stopped: {err}", EXIT_STOPPED)
-    except KeyboardInterrupt:
-        return _report(rank, "interrupted by a second Ctrl-C: no checkpoint written for the steps since the last one",
-                       EXIT_INTERRUPTED)
-    finally:
-        from emu_mc.parallel.groups import destroy_distributed
-        destroy_distributed()
-    return 0
-
-
-def _report(rank: int, message: str, code: int) -> int:
-    if rank == 0:
-        print(message, file=sys.stderr, flush=True)
-    return code
+    return run_with_exit_code(lambda: train(cfg), rank)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""python -m emu_mc.convert {hf-to-emu, emu-to-hf, eva-to-emu, export} ... (see --help)."""
+"""python -m emu_mc.convert {hf-to-emu, emu-to-hf, eva-to-emu, export, sd-to-decoder} ... (see --help)."""
 import argparse
 import sys
 from typing import Optional, Sequence
@@ -43,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory, checkpoints/ or step_N/")
     s.add_argument("--to", required=True, choices=["emu", "hf"], help="output format")
     s.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    s = sub.add_parser("sd-to-decoder", help="a local diffusers Stable Diffusion dir -> a visual decoder dir",
+                       description="Replaces the UNet's cross-attention key/value projections by new layers that "
+                                   "take the LLM width (nn.Linear default init, seeded), sets cross_attention_dim, "
+                                   "drops the text encoder and tokenizer, copies vae/, scheduler/ (and the safety "
+                                   "checker). The result is train_decoder's decoder.init and generation's --decoder.")
+    s.add_argument("--sd", required=True, metavar="DIR", help="local diffusers Stable Diffusion directory")
+    s.add_argument("--llm-width", required=True, type=int, metavar="W", help="the LLM width (5120 for Emu-14B)")
+    s.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the new layers' init")
     return p
 
 
@@ -60,6 +69,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "eva-to-emu":
             shape = eva_to_emu(args.eva, args.out)
             print(f"wrote {args.out}: vision tower {shape} (set model.vision.num_heads yourself)")
+        elif args.command == "sd-to-decoder":
+            from emu_mc.convert.sd_decoder import sd_to_decoder
+
+            summary = sd_to_decoder(args.sd, args.llm_width, args.out, args.seed)
+            print(f"wrote {args.out}: {summary['new_layers']} new cross-attention k/v layers "
+                  f"({summary['clip_width']} -> {args.llm_width} inputs; {summary['init']}); dropped "
+                  f"{', '.join(summary['dropped']) or 'nothing'}")
         else:
             from emu_mc.pretrain import setup_logging
 

@@ -61,8 +61,9 @@ def load_emu(path: str, *, tokenizer: Optional[str] = None, device: Optional[tor
 
     `tokenizer` overrides the run's model.tokenizer (a run moved to another machine). Default device:
     CUDA when available; default dtype: bf16 on CUDA, fp32 on CPU. `tensor_parallel` (default: the world
-    size) shards the LLM over that many processes; the rest of the world is data-parallel. Raises GenerationInputError for a
-    path without a model, CheckpointLoadError for a damaged one."""
+    size, WORLD_SIZE) shards the LLM over that many processes; the rest of the world is data-parallel (1
+    replicates the model on each process). Raises GenerationInputError for a path without a model,
+    CheckpointLoadError for a damaged one."""
     from emu_mc.model.emu import EmuModel
     from emu_mc.parallel.groups import init_distributed
 

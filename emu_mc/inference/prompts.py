@@ -8,7 +8,7 @@ becomes `data.frames_per_video` uniformly sampled frames, one image block each, 
 import os
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -93,18 +93,22 @@ class PromptBuilder:
     def batch(self, requests: List[Request], max_length: int) -> Batch:
         """Left-padded Batch: input_ids [B, S] (pad on the left), position_ids from 0 at each row's first
         token, segment_ids 0 on tokens and -1 on padding, images stacked in order."""
-        docs = [self.document(r, max_length) for r in requests]
-        length = max(len(tokens) for tokens, _ in docs)
-        input_ids = torch.full((len(docs), length), self.ids.pad, dtype=torch.long)
-        segment_ids = torch.full((len(docs), length), -1, dtype=torch.long)
-        position_ids = torch.zeros((len(docs), length), dtype=torch.long)
-        for row, (tokens, _) in enumerate(docs):
-            n = len(tokens)
-            input_ids[row, length - n:] = torch.tensor(tokens)
-            segment_ids[row, length - n:] = 0
-            position_ids[row, length - n:] = torch.arange(n)
-        images = torch.cat([imgs for _, imgs in docs])
-        return Batch(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids, images=images)
+        return left_padded_batch([self.document(r, max_length) for r in requests], self.ids.pad)
+
+
+def left_padded_batch(docs: List[Tuple[List[int], torch.Tensor]], pad: int) -> Batch:
+    """(token ids, images float32 [N, 3, s, s]) per row -> a left-padded Batch (see PromptBuilder.batch)."""
+    length = max(len(tokens) for tokens, _ in docs)
+    input_ids = torch.full((len(docs), length), pad, dtype=torch.long)
+    segment_ids = torch.full((len(docs), length), -1, dtype=torch.long)
+    position_ids = torch.zeros((len(docs), length), dtype=torch.long)
+    for row, (tokens, _) in enumerate(docs):
+        n = len(tokens)
+        input_ids[row, length - n:] = torch.tensor(tokens)
+        segment_ids[row, length - n:] = 0
+        position_ids[row, length - n:] = torch.arange(n)
+    images = torch.cat([imgs for _, imgs in docs])
+    return Batch(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids, images=images)
 
 
 def check_media_files(request: Request) -> None:
