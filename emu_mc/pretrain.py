@@ -181,7 +181,8 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
                                                    loader.samples_skipped)], dev)
             totals["tokens"] += tokens
             totals["images"] += images
-            flops = tokens * flop_token + pairs * flop_pair + images * flop_image  # each image once, whichever TP rank encoded it
+            # each image counted once, whichever TP rank encoded it
+            flops = tokens * flop_token + pairs * flop_pair + images * flop_image
             vision_s = vision_seconds_per_tp_rank(model_chunks)  # rank 0's TP group: first stage, DP rank 0
             metrics = {
                 "loss": out["loss"], "ce": out["ce"], "reg": out["reg"], "grad_norm": out["grad_norm"], "lr": lr,

@@ -97,8 +97,8 @@ class DecoderRun:
         self.autocast = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
         self.emu = None
         if not cfg.data.precomputed:
-            self.emu = load_emu(cfg.emu.checkpoint, tokenizer=cfg.emu.tokenizer or None, device=device, tensor_parallel=1,
-                                dtype=self.autocast)
+            self.emu = load_emu(cfg.emu.checkpoint, tokenizer=cfg.emu.tokenizer or None, device=device,
+                                tensor_parallel=1, dtype=self.autocast)
             self.emu.model.requires_grad_(False)
             self.uncond = unconditional_condition(self.emu).float()
         else:
