@@ -75,7 +75,7 @@ class LLMConfig:
     make_vocab_size_divisible_by: int = 128
     freeze: bool = False  # the LLM gets no gradient and no update
     # Pretrained weights: a directory from `python -m emu_mc.convert hf-to-emu`; "" = random init.
-    # Its architecture fields must match these; vocab rows it lacks (added special tokens) start at zero.
+    # Its architecture fields must match these; vocab rows it lacks (added special tokens) start at the mean of its rows.
     init_from: str = ""
 
 

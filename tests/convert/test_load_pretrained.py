@@ -30,7 +30,10 @@ def test_load_pretrained(single_process_world, tiny_cfg, tokenizer, special_ids,
     state = read_llm_checkpoint(cfg.llm.init_from)[0]
     embedding = model.llm.embedding.word_embeddings.weight
     assert torch.equal(embedding[:VOCAB], state["embedding.word_embeddings.weight"])
-    assert not embedding[VOCAB:].any()  # the tokenizer's extra tokens and padding start at zero
+    mean = state["embedding.word_embeddings.weight"].mean(dim=0)
+    extra = len(tokenizer) - VOCAB  # the tokenizer's added tokens start at the mean row, as released
+    assert extra > 0 and torch.allclose(embedding[VOCAB:len(tokenizer)], mean.expand(extra, -1), atol=1e-6)
+    assert not embedding[len(tokenizer):].any()  # padding rows start at zero
     assert torch.equal(model.llm.decoder.layers[1].mlp.linear_fc1.weight, state["decoder.layers.1.mlp.linear_fc1.weight"])
     vision = read_tensor_file(cfg.vision.init_from)
     assert all(torch.equal(model.vision.state_dict()[k], v) for k, v in vision.items())
