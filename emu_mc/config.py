@@ -97,7 +97,9 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     # A local HF tokenizer directory; "tiny" means the small tokenizer shipped in emu_mc/assets.
     tokenizer: str = "tiny"
-    init_std: float = 0.02  # std of the normal init of every weight matrix
+    # std of the normal init of the LLM's and ViT's weight matrices and of the resampler's queries (the
+    # rest of the resampler follows T5's init, the regression head nn.Linear's default, as released)
+    init_std: float = 0.02
     # A whole model from `python -m emu_mc.convert export --to emu` (every component's weights; its
     # architecture fields must match these); "" = random init, or the per-component init_from below.
     init_from: str = ""

@@ -17,6 +17,8 @@ def test_load_pretrained(single_process_world, tiny_cfg, tokenizer, special_ids,
 
     cfg = tiny_cfg.model
     model = EmuModel(cfg, special_ids, len(tokenizer))
+    bound = cfg.llm.hidden_size ** -0.5  # the regression head starts as nn.Linear's default, as released
+    assert 0.5 * bound < model.regress_head.weight.abs().max() <= bound
     before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     load_pretrained(model, cfg)  # no init_from: nothing changes
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
