@@ -40,7 +40,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from emu_mc.config import LLMConfig, ModelConfig, ResamplerConfig, VisionConfig
-from emu_mc.convert.errors import ConversionError, check_keys
+from emu_mc.convert.errors import ConversionError, check_keys, check_shape
 from emu_mc.convert.eva import describe_vision, eva_state_to_emu
 from emu_mc.convert.hf import HF_LAYER_PREFIX, emu_to_hf_state, hf_to_emu_state
 from emu_mc.convert.model_format import TOKENIZER_DIR, read_model_dir, write_model_dir
@@ -152,7 +152,8 @@ def model_config_from_release(vision: StateDict, resampler: StateDict, llm_hf: S
     return ModelConfig(
         vision=VisionConfig(**v, num_heads=v["width"] // vision_head_dim, norm_eps=1e-6),
         resampler=ResamplerConfig(
-            num_queries=queries, d_model=d_model, num_layers=len({k.split(".")[1] for k in resampler if k.startswith("layers.")}),
+            num_queries=queries, d_model=d_model,
+            num_layers=len({k.split(".")[1] for k in resampler if k.startswith("layers.")}),
             num_heads=heads, d_kv=resampler["layers.0.self_attn.q.weight"].shape[0] // heads,
             d_ff=resampler["layers.0.wi.weight"].shape[0], num_buckets=buckets, max_distance=128, dropout=0.1,
             norm_eps=1e-6),
@@ -196,10 +197,10 @@ def emu1_to_emu(emu1_file: str, out_dir: str, tokenizer_dir: str, *, instruct: b
     llm_hf = groups["llm"]
     if instruct:
         llm_hf = merge_lora(llm_hf, lora_alpha)
-    if "stu_regress_head.weight" not in llm_hf:
-        raise ConversionError(f"{emu1_file}: missing tensor {(PEFT_PREFIX if instruct else LLM_PREFIX) + 'stu_regress_head.weight'!r}")
-    if "model.embed_tokens.weight" not in llm_hf or HF_LAYER_PREFIX.format(0) + "self_attn.k_proj.weight" not in llm_hf:
-        raise ConversionError(f"{emu1_file}: no LLaMA decoder (decoder.lm.model.embed_tokens / layers.0) in the checkpoint")
+    lm_prefix = PEFT_PREFIX if instruct else LLM_PREFIX
+    for needed in ("stu_regress_head.weight", "model.embed_tokens.weight", HF_LAYER_PREFIX.format(0) + "self_attn.k_proj.weight"):
+        if needed not in llm_hf:
+            raise ConversionError(f"{emu1_file}: missing tensor {lm_prefix + needed!r}")
     regress_head = llm_hf.pop("stu_regress_head.weight")
     vision = eva_state_to_emu(groups["visual"])
     check_keys(["weight", "bias"], list(groups["ln_visual"]), "released ln_visual")
@@ -224,7 +225,6 @@ def emu1_to_emu(emu1_file: str, out_dir: str, tokenizer_dir: str, *, instruct: b
 def _check_against_model(model_cfg: ModelConfig, vision: StateDict, components: StateDict) -> None:
     """ConversionError naming the first tensor whose name or shape differs from a model built from
     `model_cfg` (vision side and regression head; the LLM is checked by write_llm_checkpoint)."""
-    from emu_mc.convert.errors import check_shape
     from emu_mc.model.resampler import CausalResampler
     from emu_mc.model.vision import VisionTransformer
 
@@ -312,8 +312,8 @@ def _vision_to_release(vision: StateDict) -> StateDict:
 def _resampler_to_release(ours: StateDict) -> StateDict:
     """Our CausalResampler state dict -> the release's `cformer.*` (inverse of resampler_from_release)."""
     out = {"cformer.causal_tokens": ours["queries"][None], "cformer.projection.weight": ours["proj.weight"],
-           "cformer.projection.bias": ours["proj.bias"], T5_PREFIX + "final_layer_norm.weight": ours["final_norm.weight"],
-           T5_PREFIX + REL_BIAS: ours["rel_bias"]}
+           "cformer.projection.bias": ours["proj.bias"], T5_PREFIX + REL_BIAS: ours["rel_bias"],
+           T5_PREFIX + "final_layer_norm.weight": ours["final_norm.weight"]}
     layers = sorted({int(k.split(".")[1]) for k in ours if k.startswith("layers.")})
     for i in layers:
         out.update({f"{T5_PREFIX}block.{i}.{t}": ours[f"layers.{i}.{n}"] for t, n in T5_BLOCK.items()})

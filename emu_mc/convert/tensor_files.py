@@ -28,7 +28,8 @@ def read_tensor_file(path: str) -> StateDict:
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise ConversionError(f"{path}: unreadable or damaged tensor file ({type(e).__name__}: {e})") from None
     for wrapper in ("model", "state_dict", "module"):
-        if isinstance(state, dict) and (set(state) == {wrapper} or (wrapper == "module" and isinstance(state.get(wrapper), dict))):
+        beside_others = wrapper == "module" and isinstance(state, dict) and isinstance(state.get(wrapper), dict)
+        if isinstance(state, dict) and (set(state) == {wrapper} or beside_others):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path}: expected a mapping of names to tensors")

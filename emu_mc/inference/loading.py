@@ -3,7 +3,8 @@ under torchrun with tensor parallelism over all its processes (TP = world size, 
 
 Accepted paths: a run's `train.out_dir`, its `checkpoints/` directory (both resolve `latest`), one
 `step_N/` directory, or a whole-model directory (emu_mc/convert/model_format.py: `export --to emu`,
-`emu1-to-emu`), which loads with its own tokenizer/ and default settings otherwise. The config saved in the checkpoint's meta.json rebuilds the model; megatron-core
+`emu1-to-emu`), which loads with its own tokenizer/ and default settings otherwise. The config saved in
+the checkpoint's meta.json rebuilds the model; megatron-core
 dist_checkpointing reshards whatever TP x PP layout wrote it into this layout. Weights load in the
 dtype the run trained in, then move to the device and dtype asked for (bf16 on CUDA by default).
 """
