@@ -80,7 +80,7 @@ class LLMConfig:
     attention_impl: Literal["auto", "flex", "te", "flash_varlen", "sdpa", "local"] = "auto"
     freeze: bool = False  # the LLM gets no gradient and no update
     # Pretrained weights: a directory from `python -m emu_mc.convert hf-to-emu`; "" = random init.
-    # Its architecture fields must match these; vocab rows it lacks (added special tokens) start at zero.
+    # Its architecture fields must match these; vocab rows it lacks (added special tokens) start at the mean of its rows.
     init_from: str = ""
 
 
@@ -102,7 +102,9 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     # A local HF tokenizer directory; "tiny" means the small tokenizer shipped in emu_mc/assets.
     tokenizer: str = "tiny"
-    init_std: float = 0.02  # std of the normal init of every weight matrix
+    # std of the normal init of the LLM's and ViT's weight matrices and of the resampler's queries (the
+    # rest of the resampler follows T5's init, the regression head nn.Linear's default, as released)
+    init_std: float = 0.02
     # A whole model from `python -m emu_mc.convert export --to emu` (every component's weights; its
     # architecture fields must match these); "" = random init, or the per-component init_from below.
     init_from: str = ""

@@ -33,7 +33,8 @@ log = logging.getLogger("emu_mc.generate")
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m emu_mc.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="pretraining out_dir, its checkpoints/ dir, or a step_N/ dir")
+    p.add_argument("--checkpoint", required=True, help="pretraining out_dir, its checkpoints/ dir, a step_N/ dir, or a whole-model "
+                                                          "directory (convert export --to emu, emu1-to-emu)")
     p.add_argument("--tokenizer", help="override the run's model.tokenizer (a local HF tokenizer dir, or 'tiny')")
     src = p.add_argument_group("requests")
     src.add_argument("--prompt", help="prompt text with optional {image} / {video} markers")

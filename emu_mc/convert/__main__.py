@@ -1,4 +1,5 @@
-"""python -m emu_mc.convert {hf-to-emu, emu-to-hf, eva-to-emu, export, sd-to-decoder} ... (see --help)."""
+"""python -m emu_mc.convert {hf-to-emu, emu-to-hf, eva-to-emu, emu1-to-emu, emu-to-emu1, export,
+sd-to-decoder} ... (see --help)."""
 import argparse
 import sys
 from typing import Optional, Sequence
@@ -33,6 +34,26 @@ def _parser() -> argparse.ArgumentParser:
                                    "drops the final norm and head. See emu_mc/convert/eva.py for the layouts.")
     s.add_argument("--eva", required=True, metavar="FILE", help="EVA-CLIP checkpoint file")
     s.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
+    s = sub.add_parser("emu1-to-emu", help="the released Emu-1 / Emu-I checkpoint -> our whole-model format",
+                       description="Reads the released multimodal state dict (pytorch_model.bin, possibly under a "
+                                   "'module' key) and writes a directory for --model.init_from DIR and for "
+                                   "python -m emu_mc.generate --checkpoint DIR (layout: emu_mc/convert/emu1.py). "
+                                   "The tokenizer written to DIR/tokenizer has the release's special-token ids.")
+    s.add_argument("--emu1", required=True, metavar="FILE", help="released checkpoint file")
+    s.add_argument("--tokenizer", required=True, metavar="DIR",
+                   help="the release's LLaMA tokenizer directory (Emu1/models/llama_config)")
+    s.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    s.add_argument("--instruct", action="store_true", help="Emu-I: merge its peft LoRA (q, k, v, o) into the weights")
+    s.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (Emu-I: 16; the rank is read off lora_A)")
+    s.add_argument("--vision-head-dim", type=int, default=88, help="EVA head width (Emu-1: 88, i.e. 16 heads)")
+    s.add_argument("--llm-head-dim", type=int, default=128, help="LLaMA head width (LLaMA-13B: 128, i.e. 40 heads)")
+    s = sub.add_parser("emu-to-emu1", help="our whole-model format -> the released Emu-1 state dict",
+                       description="Writes one torch.save'd state dict with the release's names (and vocab rows in "
+                                   "the release's special-token order) that the released Emu code loads.")
+    s.add_argument("--emu", required=True, metavar="DIR", help="a directory from export --to emu or emu1-to-emu")
+    s.add_argument("--out", required=True, metavar="FILE", help="output .bin file")
+    s.add_argument("--instruct", action="store_true",
+                   help="Emu-I layout: peft-wrapped LLM with zero LoRA factors (the weights are already merged)")
     s = sub.add_parser("export", help="a pretraining checkpoint (any TP x PP) -> our whole-model format or HF LLaMA",
                        description="Loads the model of a pretraining checkpoint (a run's out_dir, its checkpoints/ "
                                    "or a step_N/ directory; any TP x PP x DP layout) in one process and writes "
@@ -66,6 +87,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "emu-to-hf":
             cfg, vocab = emu_to_hf(args.emu, args.out)
             print(f"wrote {args.out}: LlamaForCausalLM, {cfg.num_layers} layers, vocab_size={vocab}")
+        elif args.command == "emu1-to-emu":
+            from emu_mc.convert.emu1 import describe, emu1_to_emu
+
+            cfg, vocab, dropped = emu1_to_emu(args.emu1, args.out, args.tokenizer, instruct=args.instruct,
+                                              lora_alpha=args.lora_alpha, vision_head_dim=args.vision_head_dim,
+                                              llm_head_dim=args.llm_head_dim)
+            print(f"wrote {args.out}: {describe(cfg)}, vocab_size={vocab}; dropped {len(dropped)} unused tensors "
+                  f"({', '.join(dropped[:4])}{', ...' if len(dropped) > 4 else ''}); use --model.init_from {args.out} "
+                  f"--model.tokenizer {cfg.tokenizer}, or python -m emu_mc.generate --checkpoint {args.out}")
+        elif args.command == "emu-to-emu1":
+            from emu_mc.convert.emu1 import emu_to_emu1
+
+            count = emu_to_emu1(args.emu, args.out, instruct=args.instruct)
+            print(f"wrote {args.out}: {count} tensors in the released Emu-1 layout")
         elif args.command == "eva-to-emu":
             shape = eva_to_emu(args.eva, args.out)
             print(f"wrote {args.out}: vision tower {shape} (set model.vision.num_heads yourself)")

@@ -11,6 +11,7 @@ Tensors inside the tower (N = block index):
     blocks.N.{norm1,norm2}.{weight,bias}, blocks.N.attn.qkv.weight, blocks.N.attn.proj.{weight,bias},
     blocks.N.mlp.{fc1,fc2}.{weight,bias}     -> same
     blocks.N.attn.q_bias, [k_bias], v_bias   -> blocks.N.attn.qkv.bias = [q_bias; k_bias or 0; v_bias]
+                                                (our attention never reads the k third, as EVA-CLIP)
     (or blocks.N.attn.qkv.bias               -> same)
     norm.*, fc_norm.*, head.*                -> dropped: Emu-1 takes all tokens after the last block
 Anything else (EVA-02 rotary/SwiGLU/sub-LN, layer scale gamma_*, relative position bias) is

@@ -34,14 +34,27 @@ GATE, UP = "mlp.gate_proj.weight", "mlp.up_proj.weight"
 # --------------------------------------------------------------------------- config
 
 
+def _rope_type(rope: Dict) -> str:
+    return rope.get("rope_type") or rope.get("type") or "default"
+
+
 def _rope_theta(hf: Dict) -> float:
-    """rope_theta from a transformers 4.x (rope_theta + rope_scaling) or 5.x (rope_parameters) config."""
+    """rope_theta from a transformers 4.x (rope_theta + rope_scaling) or 5.x (rope_parameters) config;
+    a config holding both rope_parameters and rope_scaling must have them agree."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if params and scaling and (_rope_type(params) != _rope_type(scaling) or any(
+            params.get(k) != v for k, v in scaling.items() if k not in ("type", "rope_type"))):
+        raise ConversionError(f"config.json: rope_parameters {params} and rope_scaling {scaling} disagree; "
+                              "keep the one the model was trained with")
+    rope_type = _rope_type(params) if params else _rope_type(scaling)
     if rope_type != "default":
         raise ConversionError(f"config.json rope type {rope_type!r}: only plain RoPE ('default') is supported")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if "rope_theta" in params and "rope_theta" in hf and float(params["rope_theta"]) != float(hf["rope_theta"]):
+        raise ConversionError(f"config.json: rope_parameters.rope_theta {params['rope_theta']} and rope_theta "
+                              f"{hf['rope_theta']} disagree")
+    return float(theta)
 
 
 def llm_config_from_hf(hf: Dict) -> Tuple[LLMConfig, int]:

@@ -49,19 +49,38 @@ def write_whole_model(directory: str, model, vocab_size: int, llm_state: StateDi
                       source: Dict[str, Any]) -> None:
     """Write a whole (TP = PP = 1) EmuModel: `llm_state` is its gathered LLM (gather_llm_state,
     vocab rows trimmed to `vocab_size`), the rest is read off `model`."""
-    write_llm_checkpoint(directory, llm_state, model.cfg.llm, vocab_size)
-    write_safetensors(os.path.join(directory, VISION_FILE), model.vision.state_dict())
     components = {name: tensor for name, tensor in model.state_dict().items()
                   if name.startswith(FIRST_STAGE_PREFIXES + LAST_STAGE_PREFIXES)}
+    write_model_dir(directory, model.cfg, vocab_size, llm_state, model.vision.state_dict(), components,
+                    tokenizer, source)
+
+
+def write_model_dir(directory: str, model_cfg: ModelConfig, vocab_size: int, llm_state: StateDict,
+                    vision_state: StateDict, components: StateDict, tokenizer, source: Dict[str, Any]) -> None:
+    """Write the format's files from full state dicts: `llm_state` (llm_format.py names, `vocab_size`
+    rows), `vision_state` (VisionTransformer names), `components` (EmuModel names: ln_visual.*,
+    resampler.*, regress_head.weight), `tokenizer` (saved to tokenizer/), `source` (recorded in the json)."""
+    write_llm_checkpoint(directory, llm_state, model_cfg.llm, vocab_size)
+    write_safetensors(os.path.join(directory, VISION_FILE), vision_state)
     write_safetensors(os.path.join(directory, COMPONENTS_FILE), components)
     tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIR))
-    model_cfg = dataclasses.asdict(model.cfg)
+    model_cfg = dataclasses.asdict(model_cfg)
     for section in (model_cfg, model_cfg["llm"], model_cfg["vision"]):
         section["init_from"] = ""  # the weights are here now
-    meta = {"format": FORMAT, "vocab_size": vocab_size, "dtype": str(model.regress_head.weight.dtype).removeprefix("torch."),
+    meta = {"format": FORMAT, "vocab_size": vocab_size,
+            "dtype": str(components["regress_head.weight"].dtype).removeprefix("torch."),
             "model": model_cfg, "source": source}
     with open(os.path.join(directory, MODEL_META), "w") as f:
         json.dump(meta, f, indent=2)
+
+
+def read_model_dir(directory: str) -> Tuple[ModelConfig, StateDict, StateDict, StateDict, int]:
+    """The inverse of write_model_dir, validated: (ModelConfig, LLM state, vision state, components,
+    vocab_size); the tokenizer stays in DIR/tokenizer."""
+    model_cfg, _ = read_model_meta(directory)
+    llm_state, _, vocab_size = read_llm_checkpoint(directory)
+    return (model_cfg, llm_state, read_tensor_file(os.path.join(directory, VISION_FILE)),
+            read_tensor_file(os.path.join(directory, COMPONENTS_FILE)), vocab_size)
 
 
 def read_model_meta(directory: str) -> Tuple[ModelConfig, Dict[str, Any]]:

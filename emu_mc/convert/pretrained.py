@@ -9,7 +9,7 @@ import torch
 
 from emu_mc.config import ModelConfig
 from emu_mc.convert.errors import ConversionError, check_keys, check_shape
-from emu_mc.convert.llm_format import arch_mismatches, read_llm_checkpoint, read_llm_meta
+from emu_mc.convert.llm_format import EMBEDDING, OUTPUT, arch_mismatches, read_llm_checkpoint, read_llm_meta
 from emu_mc.convert.model_format import load_whole_model, model_mismatches, read_model_meta
 from emu_mc.convert.shard import load_llm_state
 from emu_mc.convert.tensor_files import StateDict, read_tensor_file
@@ -26,6 +26,19 @@ def load_vision_state(vision_model: torch.nn.Module, state: StateDict) -> None:
     for name, tensor in expected.items():
         check_shape(name, tensor.shape, state[name].shape, " in vision state dict")
     vision_model.load_state_dict(state)
+
+
+def add_vocab_rows(state: StateDict, vocab_size: int) -> StateDict:
+    """`state` (full LLM state dict) with its embedding and output layer grown to `vocab_size` rows, each
+    new row the mean of the existing rows (computed in fp32), as the release initialises its added
+    special tokens (modeling_llama.py smart_tokenizer_and_embedding_resize). [V, H] -> [vocab_size, H]."""
+    grown = dict(state)
+    for name in (EMBEDDING, OUTPUT):
+        rows = state.get(name)
+        if rows is not None and rows.shape[0] < vocab_size:
+            mean = rows.float().mean(dim=0, keepdim=True).to(rows.dtype)
+            grown[name] = torch.cat([rows, mean.expand(vocab_size - rows.shape[0], -1)])
+    return grown
 
 
 def check_init_from(model_cfg: ModelConfig) -> None:
@@ -58,8 +71,9 @@ def check_init_from(model_cfg: ModelConfig) -> None:
 def load_pretrained(emu_model, model_cfg: ModelConfig) -> None:
     """Load model_cfg.init_from (a whole exported model) into every component of this stage, or
     model_cfg.llm.init_from into emu_model.llm and model_cfg.vision.init_from into emu_model.vision
-    (first pipeline stage only); each is a no-op when empty. Vocab rows the LLM checkpoint lacks
-    (added special tokens, padding) are zero. Raises ConversionError."""
+    (first pipeline stage only); each is a no-op when empty. Vocab rows the LLM checkpoint lacks (the
+    tokenizer's added special tokens) start at the mean of its rows; padding rows past the tokenizer
+    are zero. Raises ConversionError."""
     if model_cfg.init_from:
         load_whole_model(emu_model, model_cfg)
         log.info("whole model from %s", model_cfg.init_from)
@@ -69,8 +83,8 @@ def load_pretrained(emu_model, model_cfg: ModelConfig) -> None:
         mismatches = arch_mismatches(ckpt_cfg, model_cfg.llm)
         if mismatches:
             raise ConversionError(f"{path}: checkpoint vs model.llm config differ in " + "; ".join(mismatches))
-        load_llm_state(emu_model.llm, state)
-        log.info("LLM weights from %s: %d tensors, %d checkpoint vocab rows (model vocab %d)",
+        load_llm_state(emu_model.llm, add_vocab_rows(state, emu_model.vocab_size))
+        log.info("LLM weights from %s: %d tensors, %d checkpoint vocab rows (model vocab %d, new rows = their mean)",
                  path, len(state), vocab_size, emu_model.vocab_size)
     path = model_cfg.vision.init_from
     if path and getattr(emu_model, "vision", None) is not None:

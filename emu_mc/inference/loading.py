@@ -1,8 +1,10 @@
 """A trained Emu for generation, from a pretraining checkpoint (emu_mc/checkpoint.py): in one process, or
 under torchrun with tensor parallelism over all its processes (TP = world size, PP = 1).
 
-Accepted paths: a run's `train.out_dir`, its `checkpoints/` directory (both resolve `latest`), or one
-`step_N/` directory. The config saved in the checkpoint's meta.json rebuilds the model; megatron-core
+Accepted paths: a run's `train.out_dir`, its `checkpoints/` directory (both resolve `latest`), one
+`step_N/` directory, or a whole-model directory (emu_mc/convert/model_format.py: `export --to emu`,
+`emu1-to-emu`), which loads with its own tokenizer/ and default settings otherwise. The config saved in
+the checkpoint's meta.json rebuilds the model; megatron-core
 dist_checkpointing reshards whatever TP x PP layout wrote it into this layout. Weights load in the
 dtype the run trained in, then move to the device and dtype asked for (bf16 on CUDA by default).
 """
@@ -67,6 +69,8 @@ def load_emu(path: str, *, tokenizer: Optional[str] = None, device: Optional[tor
     from emu_mc.model.emu import EmuModel
     from emu_mc.parallel.groups import init_distributed
 
+    if os.path.isfile(os.path.join(path, "emu_mc_model.json")):
+        return _load_model_dir(path, tokenizer=tokenizer, device=device, dtype=dtype)
     step_dir = resolve_checkpoint(path)
     checkpointer = Checkpointer(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), keep=1)
     meta = checkpointer.read_meta(step_dir)
@@ -91,6 +95,35 @@ def load_emu(path: str, *, tokenizer: Optional[str] = None, device: Optional[tor
     log.info("loaded %s (step %s, written by TP %s x PP %s) into TP %d on %s in %s", step_dir, meta.get("step"),
              meta.get("tp"), meta.get("pp"), tp, device, dtype)
     return LoadedEmu(model, cfg, tok, ids, step_dir)
+
+
+def _load_model_dir(path: str, *, tokenizer: Optional[str], device: Optional[torch.device],
+                    dtype: Optional[torch.dtype]) -> LoadedEmu:
+    """load_emu for a whole-model directory: its ModelConfig, weights and tokenizer/ (or `tokenizer`)."""
+    from emu_mc.convert import ConversionError
+    from emu_mc.convert.model_format import TOKENIZER_DIR, load_whole_model, read_model_meta
+    from emu_mc.model.emu import EmuModel
+    from emu_mc.parallel.groups import init_distributed
+
+    try:
+        model_cfg, meta = read_model_meta(path)
+        model_cfg.init_from = path
+        model_cfg.tokenizer = tokenizer or os.path.join(path, TOKENIZER_DIR)
+        cfg = Config(model=model_cfg)
+        tok = load_tokenizer(model_cfg.tokenizer)
+        tp = int(os.environ.get("WORLD_SIZE", "1"))
+        init_distributed(tp, 1, seed=cfg.train.seed)
+        saved_dtype = getattr(torch, meta.get("dtype", "float32"))
+        ids = special_token_ids(tok)
+        model = EmuModel(model_cfg, ids, len(tok), tp=tp, params_dtype=saved_dtype)
+        load_whole_model(model, model_cfg)
+    except (ConversionError, FileNotFoundError, AttributeError) as err:
+        raise GenerationInputError(f"--checkpoint {path}: {err}") from None
+    device = device or default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = model.to(device=device, dtype=dtype).eval()
+    log.info("loaded whole-model directory %s into TP %d on %s in %s", path, tp, device, dtype)
+    return LoadedEmu(model, cfg, tok, ids, path)
 
 
 __all__ = ["LoadedEmu", "load_emu", "resolve_checkpoint", "CheckpointLoadError"]

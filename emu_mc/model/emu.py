@@ -70,8 +70,8 @@ class EmuModel(MegatronModule):
             params_dtype=params_dtype, recompute=recompute, tp=tp, pp=pp, config=config,
         )
         if post_process:
+            # nn.Linear's default init, as the release's stu_regress_head
             self.regress_head = nn.Linear(hidden, hidden, bias=False)
-            nn.init.normal_(self.regress_head.weight, std=cfg.init_std)
             self.loss_fn = mixed_loss_fn(cfg.loss.impl)
         # Every parameter in params_dtype, as megatron's Float16Module would leave them (its local-spec
         # norms are built in fp32); its distributed optimizer mis-maps checkpoint state for a parameter

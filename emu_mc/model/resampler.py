@@ -87,6 +87,25 @@ class CausalResampler(nn.Module):
         self.proj = nn.Linear(cfg.d_model, out_width, bias=True)
         self.attend = attention_fn(cfg.attention_impl)
         log.info("resampler attention: %s", self.attend.__name__)
+        self._init_t5()
+
+    @torch.no_grad()
+    def _init_t5(self) -> None:
+        """T5's initialisation (HF T5PreTrainedModel._init_weights, factor 1), as the release's causal
+        former gets it: normal with std d_model^-0.5 for k, v, wi and the relative bias,
+        (d_model d_kv)^-0.5 for q, (heads d_kv)^-0.5 for o, d_ff^-0.5 for wo (the cross-attention's k/v
+        too, though they read the vision width); norms at 1. The queries (std init_std, 0.02 as
+        released) and the output projection (nn.Linear's default) are not T5's."""
+        d_model, d_kv, heads = self.cfg.d_model, self.cfg.d_kv, self.cfg.num_heads
+        self.rel_bias.normal_(0.0, d_model ** -0.5)
+        for layer in self.layers:
+            for attn in (layer.self_attn, layer.cross_attn):
+                attn.q.weight.normal_(0.0, (d_model * d_kv) ** -0.5)
+                attn.k.weight.normal_(0.0, d_model ** -0.5)
+                attn.v.weight.normal_(0.0, d_model ** -0.5)
+                attn.o.weight.normal_(0.0, (heads * d_kv) ** -0.5)
+            layer.wi.weight.normal_(0.0, d_model ** -0.5)
+            layer.wo.weight.normal_(0.0, self.cfg.d_ff ** -0.5)
 
     def forward(self, visual: torch.Tensor) -> torch.Tensor:
         x = self.dropout(self.queries.to(visual.dtype).expand(visual.shape[0], -1, -1))

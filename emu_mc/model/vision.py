@@ -8,6 +8,11 @@ from emu_mc.config import VisionConfig
 
 
 class Attention(nn.Module):
+    """EVA-CLIP attention: q and v biases, no k bias (as released). The biases are held in one `qkv.bias`
+    [3 width] (the layout of every checkpoint written so far) whose k third the forward never reads: it
+    gets no gradient and stays as loaded (zero from the converters), and a k bias would only shift all
+    of a query's scores equally, which softmax ignores."""
+
     def __init__(self, width: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -16,7 +21,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q_bias, _, v_bias = self.qkv.bias.chunk(3)
+        bias = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+        q, k, v = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim]
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 

@@ -101,3 +101,33 @@ def test_load_into_mismatched_model(single_process_world, emu_dir):
     deeper = build_llm(LLMConfig(**{**cfg.__dict__, "num_layers": 3}), 128)
     with pytest.raises(ConversionError, match=r"missing tensor 'decoder\.layers\.2\."):
         load_llm_state(deeper, state)
+
+
+@pytest.mark.parametrize("index_text", ['{"weight_map": {"model.norm.weight": "model-0000', '{"metadata": {}}',
+                                        '{"weight_map": {}}', '[1, 2]'])
+def test_hf_malformed_index_is_one_line_exit_2(hf_dir, tmp_path, capsys, index_text):
+    d = copy_hf(hf_dir, tmp_path / "hf")
+    (d / "model.safetensors.index.json").write_text(index_text)
+    assert main(["hf-to-emu", "--hf", str(d), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.safetensors.index.json: truncated or malformed index" in err, err
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "llama3", "factor": 8.0}, {"type": "default", "rope_theta": 1.0e6}])
+def test_hf_rope_parameters_and_rope_scaling_that_disagree_are_refused(hf_dir, tmp_path, scaling):
+    d = copy_hf(hf_dir, tmp_path / "hf")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "default"}
+    cfg["rope_scaling"] = scaling
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="rope_parameters .* and rope_scaling .* disagree"):
+        hf_to_emu(str(d), str(tmp_path / "out"))
+
+
+def test_hf_rope_parameters_and_rope_scaling_that_agree_convert(hf_dir, tmp_path):
+    d = copy_hf(hf_dir, tmp_path / "hf")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "default"}
+    cfg["rope_scaling"] = {"type": "default"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert hf_to_emu(str(d), str(tmp_path / "out"))[0].rope_theta == 10000.0

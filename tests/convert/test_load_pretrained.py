@@ -17,6 +17,8 @@ def test_load_pretrained(single_process_world, tiny_cfg, tokenizer, special_ids,
 
     cfg = tiny_cfg.model
     model = EmuModel(cfg, special_ids, len(tokenizer))
+    bound = cfg.llm.hidden_size ** -0.5  # the regression head starts as nn.Linear's default, as released
+    assert 0.5 * bound < model.regress_head.weight.abs().max() <= bound
     before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     load_pretrained(model, cfg)  # no init_from: nothing changes
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -30,7 +32,10 @@ def test_load_pretrained(single_process_world, tiny_cfg, tokenizer, special_ids,
     state = read_llm_checkpoint(cfg.llm.init_from)[0]
     embedding = model.llm.embedding.word_embeddings.weight
     assert torch.equal(embedding[:VOCAB], state["embedding.word_embeddings.weight"])
-    assert not embedding[VOCAB:].any()  # the tokenizer's extra tokens and padding start at zero
+    mean = state["embedding.word_embeddings.weight"].mean(dim=0)
+    extra = len(tokenizer) - VOCAB  # the tokenizer's added tokens start at the mean row, as released
+    assert extra > 0 and torch.allclose(embedding[VOCAB:len(tokenizer)], mean.expand(extra, -1), atol=1e-6)
+    assert not embedding[len(tokenizer):].any()  # padding rows start at zero
     assert torch.equal(model.llm.decoder.layers[1].mlp.linear_fc1.weight, state["decoder.layers.1.mlp.linear_fc1.weight"])
     vision = read_tensor_file(cfg.vision.init_from)
     assert all(torch.equal(model.vision.state_dict()[k], v) for k, v in vision.items())

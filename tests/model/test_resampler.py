@@ -61,3 +61,22 @@ def test_attention_probability_dropout_only_in_training():
     calls.clear()
     model.eval()
     assert torch.equal(model(visual), model(visual)) and set(calls) == {0.0}
+
+
+def test_from_scratch_init_follows_t5():
+    """T5's init (HF T5PreTrainedModel._init_weights, as the release's causal former gets it), checked
+    on the empirical std of each weight (+-10%); RMS norms at 1."""
+    cfg = ResamplerConfig(num_queries=8, d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=256,
+                          num_buckets=32, max_distance=16, dropout=0.0, attention_impl="reference")
+    torch.manual_seed(0)
+    model = CausalResampler(cfg, visual_width=96, out_width=40)
+    expected = {"rel_bias": 64 ** -0.5, "self_attn.q.weight": (64 * 16) ** -0.5, "self_attn.k.weight": 64 ** -0.5,
+                "self_attn.v.weight": 64 ** -0.5, "self_attn.o.weight": 64 ** -0.5, "cross_attn.q.weight": (64 * 16) ** -0.5,
+                "cross_attn.k.weight": 64 ** -0.5, "cross_attn.v.weight": 64 ** -0.5, "wi.weight": 64 ** -0.5,
+                "wo.weight": 256 ** -0.5, "queries": 0.02}
+    for name, param in model.named_parameters():
+        key = name.split(".", 2)[-1] if name.startswith("layers.") else name
+        if key in expected:
+            assert abs(param.std().item() / expected[key] - 1) < 0.1, (name, param.std().item(), expected[key])
+        elif "norm" in name:
+            assert torch.equal(param, torch.ones_like(param)), name
