@@ -117,10 +117,10 @@ class SourceConfig:
 
     # The sample layout of the shards.
     kind: Literal["image_text", "interleaved", "video_text", "video_interleaved"] = "image_text"
-    # Tar shards: local files (a path, a glob, or a brace pattern like data/laion-{000000..000009}.tar;
-    # relative paths resolve against the working directory), `pipe:COMMAND` (its stdout is the tar),
-    # http(s):// URLs, or s3:// / gs:// objects (fsspec with s3fs / gcsfs). Brace patterns expand in
-    # all of them; several patterns may be joined with "::".
+    # Tar shards: local files (a path, a glob, or a brace pattern like data/laion-{000000..000009}.tar),
+    # `pipe:COMMAND` (its stdout is the tar), http(s):// URLs, or s3:// / gs:// objects (fsspec with
+    # s3fs / gcsfs). Brace patterns expand in all of them; several patterns may be joined with "::".
+    # Relative paths resolve against the working directory.
     shards: str = ""
     weight: float = 1.0  # mixture weight (relative; 0 = unused)
 

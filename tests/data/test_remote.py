@@ -150,3 +150,17 @@ def test_remote_patterns_are_checked_without_reading_data(server, data_cfg, toke
     with pytest.raises(ConfigError, match=r"data.sources\[0\].shards: data.check_remote: the first shard "
                                           r".*/gone-0.tar is not usable: HTTP 404 Not Found"):
         build_data_loader(missing, tokenizer)
+
+
+def test_fsspec_objects_are_spooled_and_a_missing_one_is_not_found(monkeypatch):
+    """The s3:// / gs:// path, through fsspec's in-memory filesystem (s3fs and gcsfs are not installed here)."""
+    import fsspec
+
+    monkeypatch.setitem(remote.FSSPEC_EXTRAS, "memory", "fsspec")
+    monkeypatch.setitem(remote.HAVE_EXTRA, "fsspec", True)
+    local = open(f"{SAMPLE}/{LAION}", "rb").read()
+    with fsspec.open("memory://bucket/laion-0.tar", "wb") as f:
+        f.write(local)
+    assert spool("memory://bucket/laion-0.tar", FAST).read(0, len(local)) == local
+    error = spool_error("memory://bucket/laion-1.tar")
+    assert error.reason == REMOTE_NOT_FOUND and "laion-1.tar" in str(error)
