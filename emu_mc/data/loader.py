@@ -109,10 +109,11 @@ def remote_options(cfg: Config) -> RemoteOptions:
     return RemoteOptions(retries=d.remote_retries, timeout_s=d.remote_timeout_s, spool_dir=d.spool_dir)
 
 
-def source_shards(cfg: Config) -> List[List[str]]:
+def source_shards(cfg: Config, open_first: bool = False) -> List[List[str]]:
     """Expanded shard lists per source, checked without reading data. Raises ConfigError for a local
     pattern that names no existing file, a remote one that expands to nothing, a remote scheme whose
-    fsspec package is missing, or (data.check_remote) a source whose first shard cannot be opened."""
+    fsspec package is missing, or (`open_first`: the pre-flight check with data.check_remote) a
+    source whose first shard cannot be opened."""
     out = []
     for i, src in enumerate(cfg.data.sources):
         field_name = f"data.sources[{i}].shards"
@@ -129,7 +130,7 @@ def source_shards(cfg: Config) -> List[List[str]]:
             shards.extend(specs)
         if not shards:
             raise ConfigError(f"{field_name}: {src.shards!r} names no shard")
-        if cfg.data.check_remote and src.weight > 0:
+        if open_first and src.weight > 0:
             _check_first_shard(field_name, shards[0], cfg)
         out.append(shards)
     return out

@@ -10,6 +10,7 @@ import torch
 from emu_mc.config import ConfigError
 from emu_mc.data import build_data_loader
 from emu_mc.data import remote
+from emu_mc.data.loader import source_shards
 from emu_mc.data.remote import (REMOTE_FAILED, REMOTE_NOT_FOUND, REMOTE_TIMEOUT, RemoteError, RemoteOptions,
                                 spool)
 from emu_mc.data.shards import expand_shards, index_shard
@@ -146,10 +147,9 @@ def test_remote_patterns_are_checked_without_reading_data(server, data_cfg, toke
     missing = data_cfg([("image_text", f"{server.url}/ok/image_text/gone-{{0..1}}.tar", 1.0)], micro_batch_size=1)
     build_data_loader(missing, tokenizer)  # nothing fetched before the first batch
     assert sum(server.requests.values()) == requests
-    missing.data.check_remote = True
     with pytest.raises(ConfigError, match=r"data.sources\[0\].shards: data.check_remote: the first shard "
                                           r".*/gone-0.tar is not usable: HTTP 404 Not Found"):
-        build_data_loader(missing, tokenizer)
+        source_shards(missing, open_first=True)
 
 
 def test_fsspec_objects_are_spooled_and_a_missing_one_is_not_found(monkeypatch):
