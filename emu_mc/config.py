@@ -161,7 +161,8 @@ class DataConfig:
     # fetched: a wrong URL, bucket or credential stops the run at once, with exit code 2).
     check_remote: bool = False
     # Where the local copies of remote shards go ("" = the system temp dir, $TMPDIR). The copies are
-    # unlinked files: each takes a shard's size while it is read (two per source and rank at most).
+    # unlinked files: each takes a shard's size while it is read (three per source and rank at most:
+    # the one being fetched ahead and the last two opened).
     spool_dir: str = ""
     # A document longer than seq_length: truncate (never inside an image block) or skip (counted).
     overlong: Literal["truncate", "skip"] = "truncate"

@@ -7,6 +7,7 @@ unreadable or truncated shard is logged and counted, and contributes the samples
 A shard not indexed within `open_timeout_s` (a FIFO, a hung network mount) counts as unreadable.
 A remote shard (emu_mc/data/remote.py) is spooled to local disk when opened, so a position inside it
 is exact as for a local shard: a resumed run fetches the shard again and reads from that sample on.
+While a remote shard is read, the next one in the rank's order is fetched on a background thread.
 Only the `_SPOOLS_KEPT` most recently opened remote shards keep their local copy in the cache.
 
 When a whole epoch of this rank's units holds no readable sample, the rank falls back (fallback = 1)
@@ -15,12 +16,14 @@ ranks: each readable shard cut into dp_size parts. So only a source with no read
 stops the run (DataError).
 """
 import logging
+import threading
 from collections import OrderedDict
-from typing import Callable, List, Set, Tuple
+from concurrent.futures import Future
+from typing import Callable, List, Optional, Set, Tuple
 
 from emu_mc.data.errors import DataError
 from emu_mc.data.order import Position, Unit, rank_units, split_units, unit_samples
-from emu_mc.data.remote import RemoteOptions
+from emu_mc.data.remote import RemoteOptions, is_remote
 from emu_mc.data.shards import SampleRef, ShardIndex, index_shard_within
 
 log = logging.getLogger("emu_mc.data")
@@ -52,6 +55,7 @@ class SourceStream:
         self._hung: Set[str] = set()  # shards whose index timed out: not opened again
         self._epoch_units: Tuple[int, List[Unit]] = (-1, [])
         self._unit_refs = _NO_UNIT  # ((epoch, unit), its shard's index, its samples in order)
+        self._fetching: Optional[Tuple[str, Future]] = None  # the remote shard fetched ahead: (path, its index)
 
     @property
     def position(self) -> Position:
@@ -85,7 +89,11 @@ class SourceStream:
         if path in self._indexes:
             self._indexes.move_to_end(path)
             return self._indexes[path]
-        index = index_shard_within(path, self.open_timeout_s, skip=path in self._hung, remote=self.remote)
+        if self._fetching is not None and self._fetching[0] == path:
+            index = self._fetching[1].result()  # never raises: index_shard_within reports errors in the index
+            self._fetching = None
+        else:
+            index = self._open(path)
         if index.timed_out:
             self._hung.add(path)
         if index.error is not None:
@@ -97,6 +105,24 @@ class SourceStream:
         for old in spooled[:-_SPOOLS_KEPT]:  # its disk space is freed once no read in flight holds it
             del self._indexes[old]
         return index
+
+    def _open(self, path: str) -> ShardIndex:
+        return index_shard_within(path, self.open_timeout_s, skip=path in self._hung, remote=self.remote)
+
+    def _fetch_after(self, epoch: int, u: int) -> None:
+        """Start fetching the shard of the unit after (epoch, u) when it is remote and not cached
+        (a fetch started before and not used is dropped: its thread finishes unseen)."""
+        units = self._units(epoch)
+        following = units[u + 1] if u + 1 < len(units) else rank_units(
+            self.units, seed=self.seed, source=self.source, epoch=epoch + 1, dp_rank=self.dp_rank,
+            dp_size=self.dp_size)[0]
+        path = following.shard
+        if not is_remote(path) or path in self._indexes or (self._fetching and self._fetching[0] == path):
+            return
+        future: Future = Future()
+        threading.Thread(target=lambda: future.set_result(self._open(path)), name="emu-shard-prefetch",
+                         daemon=True).start()
+        self._fetching = (path, future)
 
     def _units(self, epoch: int) -> List[Unit]:
         if self._epoch_units[0] != epoch:
@@ -111,6 +137,7 @@ class SourceStream:
             index = self._index(unit.shard)
             refs = unit_samples(index, unit, seed=self.seed, source=self.source, epoch=epoch)
             self._unit_refs = ((epoch, u), index, refs)
+            self._fetch_after(epoch, u)
         return self._unit_refs[1:]
 
     def next_ref(self) -> Tuple[ShardIndex, SampleRef]:

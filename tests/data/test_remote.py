@@ -164,3 +164,14 @@ def test_fsspec_objects_are_spooled_and_a_missing_one_is_not_found(monkeypatch):
     assert spool("memory://bucket/laion-0.tar", FAST).read(0, len(local)) == local
     error = spool_error("memory://bucket/laion-1.tar")
     assert error.reason == REMOTE_NOT_FOUND and "laion-1.tar" in str(error)
+
+
+def test_the_next_remote_shard_is_fetched_while_one_is_read(server, data_cfg, tokenizer):
+    shards = f"{server.url}/ok/image_text/laion-{{000000..000001}}.tar?ahead"
+    loader = build_data_loader(data_cfg([("image_text", shards, 1.0)], micro_batch_size=1), tokenizer)
+    loader.streams[0].next_ref()  # opens the first shard of this rank's order
+    deadline = time.monotonic() + 10
+    while sum(n for path, n in server.requests.items() if path.endswith("?ahead")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(path for path in server.requests if path.endswith("?ahead")) == [
+        "/ok/image_text/laion-000000.tar?ahead", "/ok/image_text/laion-000001.tar?ahead"]

@@ -13,8 +13,8 @@ from tests.train.test_pretrain import (LOSS_RTOL, kill_tree, latest_checkpoint_s
                                        run_single_process, single_process_command)
 
 STEPS = 12
-# The http fetch the first remote run is killed in: the 2 of data.check_remote, then the 6th of the
-# loader, which step 6 waits for.
+# The http fetch the first remote run is killed in: after the 2 of data.check_remote, the loader's 6th
+# (fetched ahead while step 5 reads the shard before it; step 6 waits for it).
 HELD_REQUEST = 2 + 6
 ARGS = ("--train.steps", STEPS, "--train.checkpoint_every", 2)
 # image_text names each of its two shards twice, so that it fetches a shard late in the run
@@ -49,10 +49,10 @@ def test_remote_shards_train_kill9_and_resume_like_local_files(tmp_path):
             proc = subprocess.Popen(single_process_command(*args), cwd=REPO_ROOT, env=child_env(), stdout=log,
                                     stderr=subprocess.STDOUT)
         assert server.held.wait(120), open(f"{out}.log").read()[-4000:]
-        time.sleep(0.5)  # the step before it is written out
-        killed_after = max(read_metrics(out))
+        time.sleep(0.5)
         assert list(spool_dir.iterdir()) == []  # the local copies are unlinked files
         kill_tree(proc)
+        killed_after = max(read_metrics(out))
         server.hold_after = None
         server.gate.set()
         resumed_from = latest_checkpoint_step(out)
