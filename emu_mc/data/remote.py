@@ -96,11 +96,13 @@ def _open(spec: str, timeout_s: float) -> Tuple[BinaryIO, Callable[[], None], Ca
                                 start_new_session=True)
 
         def finish_pipe(_: int) -> None:
-            if proc.wait() != 0:
-                stderr.seek(0)
-                last = stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]
-                raise RemoteError(REMOTE_FAILED, f"the pipe command exited with status {proc.returncode}"
-                                                 + "".join(f": {line}" for line in last))
+            with stderr:
+                if proc.wait() != 0:
+                    stderr.seek(0)
+                    last = stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]
+                    raise RemoteError(REMOTE_FAILED, f"the pipe command exited with status {proc.returncode}"
+                                                     + "".join(f": {line}" for line in last))
+
         def kill() -> None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -141,14 +143,15 @@ def _copy_once(spec: str, timeout_s: float, spool_dir: str) -> SpooledShard:
         try:
             stream, abort, finish = _open(spec, timeout_s)
             progress["abort"] = abort
-            read = getattr(stream, "read1", stream.read)  # what has arrived, not a full chunk
-            while True:
-                chunk = read(_CHUNK)
-                if not chunk:
-                    break
-                out.write(chunk)
-                progress["bytes"] += len(chunk)
-                progress["at"] = time.monotonic()
+            with stream:
+                read = getattr(stream, "read1", stream.read)  # what has arrived, not a full chunk
+                while True:
+                    chunk = read(_CHUNK)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    progress["bytes"] += len(chunk)
+                    progress["at"] = time.monotonic()
             finish(progress["bytes"])
         except RemoteError as e:
             progress["error"] = e
