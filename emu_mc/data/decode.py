@@ -14,8 +14,11 @@ samples 8 frames uniformly). A DALI failure on one input (e.g. a corrupt JPEG, w
 pipeline) rebuilds that thread's pipeline and retries the input with PIL/PyAV, so nothing is lost and a
 bad input is reported, never raised past the sample.
 """
+import functools
+import gc
 import io
 import logging
+import os
 import threading
 from collections import Counter
 from typing import List, Sequence, Tuple, Union
@@ -173,6 +176,14 @@ def dali_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _collect_before_fork() -> None:
+    """A DALI pipeline finalized in a forked child (megatron-core's checkpoint writer forks) waits
+    forever for its worker threads, which the child does not have. Collecting garbage before every
+    fork finalizes dropped pipelines in the parent instead. Registered once per process."""
+    os.register_at_fork(before=gc.collect)
+
+
 class DaliDecoder:
     """DALI pipelines (one pair per thread), fed through external_source, one call per document.
 
@@ -191,6 +202,7 @@ class DaliDecoder:
         self.device = device
         self.name = f"dali_{device}"
         self._local = threading.local()
+        _collect_before_fork()
 
     def describe(self) -> str:
         if self.device == "gpu":
