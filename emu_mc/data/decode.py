@@ -14,12 +14,11 @@ samples 8 frames uniformly). A DALI failure on one input (e.g. a corrupt JPEG, w
 pipeline) rebuilds that thread's pipeline and retries the input with PIL/PyAV, so nothing is lost and a
 bad input is reported, never raised past the sample.
 """
-import functools
-import gc
 import io
 import logging
 import os
 import threading
+import weakref
 from collections import Counter
 from typing import List, Sequence, Tuple, Union
 
@@ -176,12 +175,19 @@ def dali_available() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
-def _collect_before_fork() -> None:
-    """A DALI pipeline finalized in a forked child (megatron-core's checkpoint writer forks) waits
-    forever for its worker threads, which the child does not have. Collecting garbage before every
-    fork finalizes dropped pipelines in the parent instead. Registered once per process."""
-    os.register_at_fork(before=gc.collect)
+# A DALI pipeline finalized in a forked child waits forever for its worker threads, which the child
+# does not have; and a fork (megatron-core's checkpoint writer forks) frees the other threads' state,
+# so the decode threads' thread-local pipelines would be finalized there. Every pipeline alive at a
+# fork is held in this list across it: the child never lets go of them, the parent does after.
+_PIPELINES: "weakref.WeakSet" = weakref.WeakSet()
+_HELD_ACROSS_FORK: list = []
+
+
+def _hold_pipelines() -> None:
+    _HELD_ACROSS_FORK.extend(_PIPELINES)
+
+
+os.register_at_fork(before=_hold_pipelines, after_in_parent=_HELD_ACROSS_FORK.clear)
 
 
 class DaliDecoder:
@@ -202,7 +208,6 @@ class DaliDecoder:
         self.device = device
         self.name = f"dali_{device}"
         self._local = threading.local()
-        _collect_before_fork()
 
     def describe(self) -> str:
         if self.device == "gpu":
@@ -238,6 +243,7 @@ class DaliDecoder:
         pipes = {"image": image_pipe(), "video": video_pipe()}
         for p in pipes.values():
             p.build()
+            _PIPELINES.add(p)
         self._local.pipes = pipes
 
     def _pipe(self, kind: str):
