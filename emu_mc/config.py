@@ -124,8 +124,10 @@ class SourceConfig:
 
     # The sample layout of the shards.
     kind: Literal["image_text", "interleaved", "video_text", "video_interleaved"] = "image_text"
-    # Local tar files: a path, a glob, or a brace pattern like data/laion-{000000..000009}.tar;
-    # several patterns may be joined with "::". Relative paths resolve against the working directory.
+    # Tar shards: local files (a path, a glob, or a brace pattern like data/laion-{000000..000009}.tar),
+    # `pipe:COMMAND` (its stdout is the tar), http(s):// URLs, or s3:// / gs:// objects (fsspec with
+    # s3fs / gcsfs). Brace patterns expand in all of them; several patterns may be joined with "::".
+    # Relative paths resolve against the working directory.
     shards: str = ""
     weight: float = 1.0  # mixture weight (relative; 0 = unused)
 
@@ -155,6 +157,20 @@ class DataConfig:
     # checked after `failure_check_after` samples.
     max_failure_fraction: float = 0.1
     failure_check_after: int = 100  # samples read before max_failure_fraction is checked
+    # Remote shards (`pipe:COMMAND`, http(s)://, s3://, gs://; README "Data in object storage") are
+    # copied to local disk when opened. A copy that fails or stalls is retried this many times with
+    # exponential backoff (0.5 s, 1 s, 2 s, ... up to 30 s), then the shard is skipped and counted.
+    remote_retries: int = 3
+    # A remote shard whose stream sends no byte for this many seconds is given up (then retried).
+    # 0 = wait forever.
+    remote_timeout_s: float = 60.0
+    # Open the first shard of every source before any process group starts (remote shards are
+    # fetched: a wrong URL, bucket or credential stops the run at once, with exit code 2).
+    check_remote: bool = False
+    # Where the local copies of remote shards go ("" = the system temp dir, $TMPDIR). The copies are
+    # unlinked files: each takes a shard's size while it is read (three per source and rank at most:
+    # the one being fetched ahead and the last two opened).
+    spool_dir: str = ""
     # A document longer than seq_length: truncate (never inside an image block) or skip (counted).
     overlong: Literal["truncate", "skip"] = "truncate"
     images_per_synthetic_sample: int = 1  # image blocks per row with kind synthetic
@@ -278,10 +294,13 @@ class Config:
         _require(d.prefetch >= 1, "data.prefetch", ">= 1")
         _require(d.sample_timeout_s >= 0, "data.sample_timeout_s", ">= 0 (0 = no timeout)")
         _require(d.failure_check_after >= 1, "data.failure_check_after", ">= 1")
+        _require(d.remote_retries >= 0, "data.remote_retries", ">= 0")
+        _require(d.remote_timeout_s >= 0, "data.remote_timeout_s", ">= 0 (0 = no timeout)")
         if d.kind == "webdataset":
             _require(len(d.sources) > 0, "data.sources", "at least one source when data.kind is webdataset")
             for i, src in enumerate(d.sources):
-                _require(src.shards.strip() != "", f"data.sources[{i}].shards", "a path, glob or brace pattern")
+                _require(src.shards.strip() != "", f"data.sources[{i}].shards",
+                         "a path, glob or brace pattern, pipe:COMMAND or a URL")
                 _require(src.weight >= 0.0, f"data.sources[{i}].weight", ">= 0")
             _require(sum(src.weight for src in d.sources) > 0, "data.sources", "at least one source with weight > 0")
         return self

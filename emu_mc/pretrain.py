@@ -73,7 +73,7 @@ def check_local_paths(cfg: Config) -> None:
     tokenizer_dir(cfg.model.tokenizer)
     check_init_from(cfg.model)
     if cfg.data.kind == "webdataset":
-        source_shards(cfg)
+        source_shards(cfg, open_first=cfg.data.check_remote)
 
 
 def train(cfg: Config) -> dict:

@@ -16,7 +16,9 @@ bad input is reported, never raised past the sample.
 """
 import io
 import logging
+import os
 import threading
+import weakref
 from collections import Counter
 from typing import List, Sequence, Tuple, Union
 
@@ -173,6 +175,21 @@ def dali_available() -> bool:
     return True
 
 
+# A DALI pipeline finalized in a forked child waits forever for its worker threads, which the child
+# does not have; and a fork (megatron-core's checkpoint writer forks) frees the other threads' state,
+# so the decode threads' thread-local pipelines would be finalized there. Every pipeline alive at a
+# fork is held in this list across it: the child never lets go of them, the parent does after.
+_PIPELINES: "weakref.WeakSet" = weakref.WeakSet()
+_HELD_ACROSS_FORK: list = []
+
+
+def _hold_pipelines() -> None:
+    _HELD_ACROSS_FORK.extend(_PIPELINES)
+
+
+os.register_at_fork(before=_hold_pipelines, after_in_parent=_HELD_ACROSS_FORK.clear)
+
+
 class DaliDecoder:
     """DALI pipelines (one pair per thread), fed through external_source, one call per document.
 
@@ -226,6 +243,7 @@ class DaliDecoder:
         pipes = {"image": image_pipe(), "video": video_pipe()}
         for p in pipes.values():
             p.build()
+            _PIPELINES.add(p)
         self._local.pipes = pipes
 
     def _pipe(self, kind: str):

@@ -32,7 +32,9 @@ from emu_mc.data.decode import make_decoder
 from emu_mc.data.document import Document, DocumentBuilder, make_encoder
 from emu_mc.data.errors import TIMEOUT, UNEXPECTED, DataError, SampleError
 from emu_mc.data.packing import Packer
-from emu_mc.data.shards import SampleRef, ShardIndex, expand_shards, read_sample
+from emu_mc.data.remote import RemoteOptions, is_remote, missing_extra
+from emu_mc.data.shards import (SampleRef, ShardIndex, expand_part, index_shard_within, pattern_parts,
+                                read_sample)
 from emu_mc.data.stream import SourceStream
 from emu_mc.data.workers import DaemonThreadPool
 from emu_mc.tokenizer import special_token_ids
@@ -102,17 +104,44 @@ def _check_kind(state: Dict[str, Any], kind: str) -> None:
         raise ValueError(f"loader state is for data.kind {state.get('kind')!r}, this loader is {kind!r}")
 
 
-def source_shards(cfg: Config) -> List[List[str]]:
-    """Expanded shard lists per source. Raises ConfigError for a pattern that names no existing file."""
+def remote_options(cfg: Config) -> RemoteOptions:
+    d = cfg.data
+    return RemoteOptions(retries=d.remote_retries, timeout_s=d.remote_timeout_s, spool_dir=d.spool_dir)
+
+
+def source_shards(cfg: Config, open_first: bool = False) -> List[List[str]]:
+    """Expanded shard lists per source, checked without reading data. Raises ConfigError for a local
+    pattern that names no existing file, a remote one that expands to nothing, a remote scheme whose
+    fsspec package is missing, or (`open_first`: the pre-flight check with data.check_remote) a
+    source whose first shard cannot be opened."""
     out = []
     for i, src in enumerate(cfg.data.sources):
-        paths = expand_shards(src.shards)
-        if not any(os.path.isfile(p) for p in paths):
-            relative = not all(os.path.isabs(p) for p in src.shards.split("::"))
-            where = f" (relative paths resolve against the working directory, {os.getcwd()})" if relative else ""
-            raise ConfigError(f"data.sources[{i}].shards: {src.shards!r} matches no existing file{where}")
-        out.append(paths)
+        field_name = f"data.sources[{i}].shards"
+        shards = []
+        for part in pattern_parts(src.shards):
+            specs = expand_part(part)
+            missing = next((m for m in map(missing_extra, specs) if m), None)
+            if missing:
+                raise ConfigError(f"{field_name}: {missing}")
+            if not any(is_remote(p) or os.path.isfile(p) for p in specs):
+                where = "" if os.path.isabs(os.path.expanduser(part)) else \
+                    f" (relative paths resolve against the working directory, {os.getcwd()})"
+                raise ConfigError(f"{field_name}: {part!r} matches no existing file{where}")
+            shards.extend(specs)
+        if not shards:
+            raise ConfigError(f"{field_name}: {src.shards!r} names no shard")
+        if open_first and src.weight > 0:
+            _check_first_shard(field_name, shards[0], cfg)
+        out.append(shards)
     return out
+
+
+def _check_first_shard(field_name: str, shard: str, cfg: Config) -> None:
+    """data.check_remote: the source's first shard opens and holds a sample (remote ones are fetched)."""
+    index = index_shard_within(shard, cfg.data.sample_timeout_s, remote=remote_options(cfg))
+    if not index.samples:
+        raise ConfigError(f"{field_name}: data.check_remote: the first shard {shard} is not usable: {index.error or 'no samples'}")
+    log.info("data: check_remote: %s holds %d samples", shard, len(index.samples))
 
 
 class WebDatasetLoader:
@@ -131,7 +160,8 @@ class WebDatasetLoader:
         shards = source_shards(cfg)
         self.sources = [i for i, src in enumerate(d.sources) if src.weight > 0]
         self.streams = [SourceStream(i, d.sources[i].kind, shards[i], seed=self.seed, dp_rank=dp_rank,
-                                     dp_size=dp_size, on_bad_shard=self._bad_shard, open_timeout_s=d.sample_timeout_s)
+                                     dp_size=dp_size, on_bad_shard=self._bad_shard, open_timeout_s=d.sample_timeout_s,
+                                     remote=remote_options(cfg))
                         for i in self.sources]
         weights = np.array([d.sources[i].weight for i in self.sources], dtype=np.float64)
         self.cumulative = np.cumsum(weights / weights.sum())
@@ -142,11 +172,18 @@ class WebDatasetLoader:
         self.draws = 0
         self.counts: Counter = Counter()
         self.bad_shards: Dict[str, str] = {}
+        self.bad_shard_reasons: Dict[str, str] = {}
         log.info("data: %s on dp rank %d/%d; decoder %s: %s; %d worker thread(s), prefetch %d, sample timeout %s",
                  ", ".join(f"{d.sources[i].kind} x{d.sources[i].weight:g} ({len(shards[i])} shards)"
                            for i in self.sources), dp_rank, dp_size, self.decoder.name,
                  self.decoder.describe(), d.num_workers, d.prefetch,
                  f"{d.sample_timeout_s:g} s" if d.sample_timeout_s and d.num_workers else "none")
+        remote = sum(is_remote(p) for i in self.sources for p in shards[i])
+        if remote:
+            log.info("data: %d remote shard(s), fetched to %s with %d retries and a %s stall timeout; the %s "
+                     "decoder gets their samples' bytes in memory as for local shards", remote,
+                     d.spool_dir or "the system temp dir", d.remote_retries,
+                     f"{d.remote_timeout_s:g} s" if d.remote_timeout_s else "no", self.decoder.name)
 
     def __iter__(self):
         return self
@@ -159,27 +196,27 @@ class WebDatasetLoader:
         if index.path not in self.bad_shards:
             log.warning("data: shard %s: %s (%d readable samples used)", index.path, index.error, len(index.samples))
         self.bad_shards[index.path] = index.error
+        self.bad_shard_reasons[index.path] = index.reason
 
-    def _load(self, kind: str, path: str, ref: SampleRef) -> Loaded:
+    def _load(self, kind: str, index: ShardIndex, ref: SampleRef) -> Loaded:
         try:
-            return self.builder(kind, read_sample(path, ref)), path, ref.key
+            return self.builder(kind, read_sample(index.source, ref)), index.path, ref.key
         except SampleError as e:
-            return e, path, ref.key
+            return e, index.path, ref.key
         except Exception as e:  # a bug or a library failure on odd bytes: skip the sample, never the run
-            return SampleError(UNEXPECTED, f"{type(e).__name__}: {e}"), path, ref.key
+            return SampleError(UNEXPECTED, f"{type(e).__name__}: {e}"), index.path, ref.key
 
     def _submit(self, k: int) -> None:
         stream = self.streams[k]
         position = stream.position
-        path, ref = stream.next_ref()
-        self.pending[k].append((position, self.pool.submit(self._load, stream.kind, path, ref), path, ref.key))
+        index, ref = stream.next_ref()
+        self.pending[k].append((position, self.pool.submit(self._load, stream.kind, index, ref), index.path, ref.key))
 
     def _take(self, k: int) -> Loaded:
         """Source k's next loaded sample, in stream order; keeps `prefetch` samples in flight."""
         stream = self.streams[k]
         if self.pool is None:
-            path, ref = stream.next_ref()
-            return self._load(stream.kind, path, ref)
+            return self._load(stream.kind, *stream.next_ref())
         while len(self.pending[k]) < self.cfg.data.prefetch:
             self._submit(k)
         _, future, path, key = self.pending[k].popleft()
@@ -278,7 +315,8 @@ class WebDatasetLoader:
                 "samples_used": self.counts["used"], "truncated": self.counts["truncated"],
                 "skipped": grouped.get("skipped", {}), "images_dropped": grouped.get("dropped_image", {}),
                 "per_source": grouped.get("source", {}), "decode_paths": grouped.get("path", {}),
-                "bad_shards": dict(self.bad_shards)}
+                "bad_shards": dict(self.bad_shards),
+                "bad_shard_reasons": dict(Counter(self.bad_shard_reasons.values()))}
 
     def close(self) -> None:
         if self.pool is not None:

@@ -153,3 +153,32 @@ def test_loader_on_dali_cpu_matches_the_cpu_path(tiny_cfg, tokenizer):
     paths = runs["dali_cpu"][1]["decode_paths"]
     assert {"image:dali_cpu", "video:dali_cpu", "video:pyav"} <= set(paths)  # mp4 clips: H.264 via PyAV
     assert runs["dali_cpu"][1]["decoder"] == "dali_cpu"
+
+
+@needs_dali
+def test_a_fork_does_not_hang_on_the_decode_threads_dali_pipelines(dali_cpu):
+    """megatron-core's checkpoint writer forks; a child that finalized the decode threads' DALI
+    pipelines would wait forever for DALI threads it does not have."""
+    import threading
+    import time
+
+    decoded, release = threading.Event(), threading.Event()
+
+    def decode_then_idle():  # a decode thread keeps its thread-local pipelines while it lives
+        dali_cpu.images([encode_image(photo("chelsea"))])
+        decoded.set()
+        release.wait()
+
+    threading.Thread(target=decode_then_idle, daemon=True).start()
+    assert decoded.wait(60)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    deadline = time.monotonic() + 20
+    while os.waitpid(pid, os.WNOHANG)[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung finalizing DALI pipelines")
+        time.sleep(0.05)
+    release.set()
