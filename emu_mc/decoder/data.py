@@ -122,9 +122,9 @@ class ShardLoader:
 
     def _sample(self):
         stream = self.streams[self.choice.choices(range(len(self.streams)), self.weights)[0]]
-        path, ref = stream.next_ref()
+        index, ref = stream.next_ref()
         self.read += 1
-        return self.decode(read_sample(path, ref))
+        return self.decode(read_sample(index.source, ref))
 
     def __next__(self):
         items = []

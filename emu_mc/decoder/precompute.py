@@ -100,7 +100,7 @@ def precompute(cfg, out_dir: str, samples_per_shard: int = 1000) -> dict:
             log.warning("%s: %s", path, index.error)
         for ref in index.samples:
             try:
-                pending.append((decode(read_sample(path, ref)), f"{path}:{ref.key}"))
+                pending.append((decode(read_sample(index.source, ref)), f"{path}:{ref.key}"))
             except SampleError as err:
                 skipped[err.reason] += 1
             if len(pending) == cfg.data.micro_batch_size:
