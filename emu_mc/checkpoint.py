@@ -413,3 +413,47 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class CheckpointConfigError(ValueError):
+    """A checkpoint's meta.json holds no usable config (or its tokenizer is missing)."""
+
+
+def find_step_dir(path: str) -> Optional[str]:
+    """A run's train.out_dir, its checkpoints/ directory (both follow `latest`) or a step_N/ directory
+    -> that step directory; None when `path` is none of them."""
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    for run_dir in (path, os.path.dirname(os.path.normpath(path))):
+        if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):
+            return Checkpointer(run_dir, keep=1).latest()
+    return None
+
+
+def load_checkpoint_model(step_dir: str, *, tp: int = 1, tokenizer: Optional[str] = None):
+    """(EmuModel with the checkpoint's weights in the run's params dtype, this rank's TP shard of `tp`;
+    its Config; tokenizer; meta). Rebuilt from the config saved with the checkpoint (`tokenizer`
+    overrides model.tokenizer); dist_checkpointing reshards whatever TP x PP layout wrote it. Starts
+    the process groups (TP = tp, PP = 1). Raises CheckpointConfigError for an unusable meta.json."""
+    import torch
+
+    from emu_mc.config import ConfigError, config_from_dict
+    from emu_mc.model.emu import EmuModel
+    from emu_mc.parallel.groups import init_distributed
+    from emu_mc.tokenizer import load_tokenizer, special_token_ids
+
+    checkpointer = Checkpointer(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), keep=1)
+    meta = checkpointer.read_meta(step_dir)
+    try:
+        cfg = config_from_dict(meta["config"])
+        if tokenizer:
+            cfg.model.tokenizer = tokenizer
+        tok = load_tokenizer(cfg.model.tokenizer)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+        raise CheckpointConfigError(f"{step_dir}/meta.json: {err}") from None
+    init_distributed(tp, 1, seed=cfg.train.seed)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    model = EmuModel(cfg.model, special_token_ids(tok), len(tok), tp=tp, params_dtype=dtype)
+    state, _, _ = checkpointer.load(step_dir, {"model": model.sharded_state_dict()}, same_layout=False)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, tok, meta

@@ -12,47 +12,30 @@ model.init_from); --to hf the LLM as an HF LlamaForCausalLM directory with the r
 import os
 from typing import Tuple
 
-import torch
-
 from emu_mc.convert.errors import ConversionError
 
 
 def resolve_step_dir(path: str) -> str:
     """A run directory, its checkpoints/ directory or a step directory -> the step directory."""
-    from emu_mc.checkpoint import Checkpointer
+    from emu_mc.checkpoint import find_step_dir
 
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return path
-    for run_dir in (path, os.path.dirname(os.path.normpath(path))):
-        if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):
-            return Checkpointer(run_dir, keep=1).latest()
-    raise ConversionError(f"--checkpoint {path}: no pretraining checkpoint there (expected a run's train.out_dir, "
-                          "its checkpoints/ directory with `latest`, or a step_N/ directory with meta.json)")
+    step_dir = find_step_dir(path)
+    if step_dir is None:
+        raise ConversionError(f"--checkpoint {path}: no pretraining checkpoint there (expected a run's train.out_dir, "
+                              "its checkpoints/ directory with `latest`, or a step_N/ directory with meta.json)")
+    return step_dir
 
 
 def load_checkpoint_model(step_dir: str):
     """(EmuModel with the checkpoint's weights, its Config, tokenizer, meta) in this single process."""
-    from emu_mc.checkpoint import Checkpointer
-    from emu_mc.config import ConfigError, config_from_dict
-    from emu_mc.model.emu import EmuModel
-    from emu_mc.parallel.groups import init_distributed
-    from emu_mc.tokenizer import load_tokenizer, special_token_ids
+    from emu_mc import checkpoint
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConversionError("export runs in one process; run it without torchrun")
-    checkpointer = Checkpointer(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), keep=1)
-    meta = checkpointer.read_meta(step_dir)
     try:
-        cfg = config_from_dict(meta["config"])
-        tokenizer = load_tokenizer(cfg.model.tokenizer)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
-        raise ConversionError(f"{step_dir}/meta.json: {err}") from None
-    init_distributed(1, 1, seed=cfg.train.seed)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = EmuModel(cfg.model, special_token_ids(tokenizer), len(tokenizer), params_dtype=dtype)
-    state, _, _ = checkpointer.load(step_dir, {"model": model.sharded_state_dict()}, same_layout=False)
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg, tokenizer, meta
+        return checkpoint.load_checkpoint_model(step_dir)
+    except checkpoint.CheckpointConfigError as err:
+        raise ConversionError(str(err)) from None
 
 
 def export_checkpoint(checkpoint: str, to: str, out: str) -> Tuple[str, int]:

@@ -15,8 +15,9 @@ from typing import Optional
 
 import torch
 
-from emu_mc.checkpoint import Checkpointer, CheckpointLoadError
-from emu_mc.config import Config, ConfigError, config_from_dict
+from emu_mc.checkpoint import (CheckpointConfigError, CheckpointLoadError, find_step_dir,  # noqa: F401 (re-exported)
+                               load_checkpoint_model)
+from emu_mc.config import Config
 from emu_mc.inference.settings import GenerationInputError
 from emu_mc.tokenizer import SpecialTokenIds, load_tokenizer, special_token_ids
 
@@ -42,15 +43,12 @@ class LoadedEmu:
 
 def resolve_checkpoint(path: str) -> str:
     """A run directory, its checkpoints/ directory or a step directory -> the step directory."""
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return path
-    if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
-        return Checkpointer(path, keep=1).latest()
-    if os.path.basename(os.path.normpath(path)) == "checkpoints" and os.path.isfile(os.path.join(path, "latest")):
-        return Checkpointer(os.path.dirname(os.path.normpath(path)), keep=1).latest()
-    raise GenerationInputError(
-        f"--checkpoint {path}: no model there (expected a pretraining run's out_dir, its checkpoints/ "
-        "directory with `latest`, or a step_N/ directory with meta.json)")
+    step_dir = find_step_dir(path)
+    if step_dir is None:
+        raise GenerationInputError(
+            f"--checkpoint {path}: no model there (expected a pretraining run's out_dir, its checkpoints/ "
+            "directory with `latest`, or a step_N/ directory with meta.json)")
+    return step_dir
 
 
 def default_device() -> torch.device:
@@ -66,31 +64,17 @@ def load_emu(path: str, *, tokenizer: Optional[str] = None, device: Optional[tor
     size, WORLD_SIZE) shards the LLM over that many processes; the rest of the world is data-parallel (1
     replicates the model on each process). Raises GenerationInputError for a path without a model,
     CheckpointLoadError for a damaged one."""
-    from emu_mc.model.emu import EmuModel
-    from emu_mc.parallel.groups import init_distributed
-
     if os.path.isfile(os.path.join(path, "emu_mc_model.json")):
         return _load_model_dir(path, tokenizer=tokenizer, device=device, dtype=dtype)
     step_dir = resolve_checkpoint(path)
-    checkpointer = Checkpointer(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), keep=1)
-    meta = checkpointer.read_meta(step_dir)
-    try:
-        cfg = config_from_dict(meta["config"])
-        if tokenizer:
-            cfg.model.tokenizer = tokenizer
-        tok = load_tokenizer(cfg.model.tokenizer)
-    except (ConfigError, FileNotFoundError, KeyError) as err:
-        raise GenerationInputError(f"{step_dir}/meta.json: {err} (--tokenizer DIR points at a moved tokenizer)") \
-            from None
     tp = tensor_parallel or int(os.environ.get("WORLD_SIZE", "1"))
-    init_distributed(tp, 1, seed=cfg.train.seed)
+    try:
+        model, cfg, tok, meta = load_checkpoint_model(step_dir, tp=tp, tokenizer=tokenizer)
+    except CheckpointConfigError as err:
+        raise GenerationInputError(f"{err} (--tokenizer DIR points at a moved tokenizer)") from None
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    saved_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     ids = special_token_ids(tok)
-    model = EmuModel(cfg.model, ids, len(tok), tp=tp, params_dtype=saved_dtype)
-    state, _, _ = checkpointer.load(step_dir, {"model": model.sharded_state_dict()}, same_layout=False)
-    model.load_state_dict(state["model"])
     model = model.to(device=device, dtype=dtype).eval()
     log.info("loaded %s (step %s, written by TP %s x PP %s) into TP %d on %s in %s", step_dir, meta.get("step"),
              meta.get("tp"), meta.get("pp"), tp, device, dtype)
