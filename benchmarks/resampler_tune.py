@@ -17,7 +17,7 @@ from emu_mc.kernels import resampler_attention as ra
 from bench_common import add_output_args, device_name, save_results, time_ms
 from resampler_bench import MAX_DISTANCE, WORKLOADS, make_inputs
 
-SWEEP = {"fwd_warps": (2, 4, 8), "bwd_warps": (4, 8), "bwd_block_n": (16, 32, 64), "group_b": (1, 2, 4, 8)}
+SWEEP = {"fwd_warps": (2, 4, 8), "bwd_warps": (4, 8), "bwd_block_n": (32, 64, 128), "group_b": (1, 2, 4, 8)}
 
 
 def time_setting(inputs, workload, mode):
