@@ -54,6 +54,8 @@ def parse_args(argv):
     t.add_argument("--inception", help="local TorchScript Inception for FID (fid.py)")
     t.add_argument("--guidance-scale", type=float, default=ImageSettings.guidance_scale)
     t.add_argument("--steps", type=int, default=ImageSettings.steps)
+    p.add_argument("--paper-numbers", help="JSON of the paper's figures with their table and row, to print "
+                                           "beside the run (emu_mc/evaluate/paper.py); none are bundled")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--score-only", action="store_true",
                    help="score the predictions already in --out (no model loaded, nothing generated)")
@@ -161,6 +163,10 @@ def run(args) -> int:
 
     from emu_mc.inference import VisualDecoder, load_emu
 
+    try:
+        args.paper = paper.load_paper_numbers(args.paper_numbers) if args.paper_numbers else {}
+    except paper.PaperNumbersError as err:
+        raise GenerationInputError(str(err)) from None
     task, examples = load_task(args)
     by_id = {e.id: e for e in examples}
     if args.score_only:
@@ -222,6 +228,7 @@ def write_results(task: Task, args, metrics: dict, n: int, checkpoint: str) -> N
 
     results = {"task": task.name, "metrics": metrics, "n": n, "shots": args.shots, "style": args.style,
                "seed": args.seed, "checkpoint": checkpoint, "data": os.path.abspath(args.data),
+               "paper": dict(zip(("value", "source"), args.paper[task.name])) if task.name in args.paper else None,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "versions": {"emu_mc": emu_mc_version, "torch": torch.__version__, "python": sys.version.split()[0]}}
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -235,11 +242,13 @@ def report_table(results: dict) -> str:
     """Markdown: this run's headline metric beside the paper's Emu-14B zero-shot number and its source."""
     task = TASKS[results["task"]]
     value = results["metrics"].get(task.metric)
-    metric, ref, source = paper.PAPER[task.name]
-    mark = "" if paper.checked else " (unchecked: see emu_mc/evaluate/paper.py)"
+    metric, where = paper.PAPER[task.name]
+    entered = results.get("paper")
+    ref, source = (f"{entered['value']:.2f}", entered["source"]) if entered else \
+        ("not entered (--paper-numbers)", f"copy from {where}")
     lines = [f"| task | metric | this run ({results['shots']}-shot, {results['style']}, n={results['n']}) | "
              f"Emu-14B zero-shot (paper) | source |", "|---|---|---|---|---|",
-             f"| {task.name} | {metric} | {value:.2f} | {ref}{mark} | arXiv:2307.05222 {source} |"]
+             f"| {task.name} | {metric} | {value:.2f} | {ref} | arXiv:2307.05222 {source} |"]
     extra = {k: v for k, v in results["metrics"].items() if k != task.metric}
     if extra:
         lines.append("\nalso: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"

@@ -1,19 +1,53 @@
-"""The paper's zero-shot Emu-14B numbers, to print beside a run (arXiv:2307.05222, ICLR 2024).
+"""Where the paper's zero-shot Emu-14B numbers live (arXiv:2307.05222, ICLR 2024), to print beside a run.
 
-CHECK BEFORE QUOTING: these figures were entered from memory of Table 1 (row "Emu", zero-shot) and
-Table 3 (zero-shot FID on MS-COCO 30k) and have not yet been checked against the PDF; `checked` says so
-and the Markdown table marks them. Set checked=True only after comparing with the paper.
+No figure is entered here: none could be checked against the paper's tables when this was written (the
+project's machines have no internet), and a number without its checked source is worse than none.
+`PAPER` names, for each task, the metric and the table row to copy from; `load_paper_numbers` reads the
+figures from a JSON file a user fills in from the PDF, each with its table and row:
+
+    {"coco_caption": {"value": 0.0, "source": "Table 1, row Emu, COCO"}, ...}
+
+`python -m emu_mc.evaluate --paper-numbers FILE` prints them in the report; without it the paper column
+says "not entered".
 """
+import json
+from typing import Dict, Tuple
+
 PAPER = {
-    # task: (metric, value, source)
-    "coco_caption": ("CIDEr", 112.4, "Table 1, row Emu, COCO (Karpathy test)"),
-    "nocaps": ("CIDEr", 96.5, "Table 1, row Emu, NoCaps"),
-    "flickr30k": ("CIDEr", 72.0, "Table 1, row Emu, Flickr30K"),
-    "vqav2": ("accuracy", 52.0, "Table 1, row Emu, VQAv2"),
-    "okvqa": ("accuracy", 38.2, "Table 1, row Emu, OKVQA"),
-    "vizwiz": ("accuracy", 34.2, "Table 1, row Emu, VizWiz"),
-    "msvd_qa": ("accuracy", 18.8, "Table 1, row Emu, MSVD-QA"),
-    "msrvtt_qa": ("accuracy", 8.3, "Table 1, row Emu, MSRVTT-QA"),
-    "t2i_coco": ("FID", 11.66, "Table 3, row Emu, MS-COCO 30k zero-shot FID"),
+    # task: (metric, where in the paper to copy the Emu-14B zero-shot figure from)
+    "coco_caption": ("CIDEr", "Table 1 (zero-shot), row Emu, COCO Karpathy test"),
+    "nocaps": ("CIDEr", "Table 1 (zero-shot), row Emu, NoCaps"),
+    "flickr30k": ("CIDEr", "Table 1 (zero-shot), row Emu, Flickr30K"),
+    "vqav2": ("accuracy", "Table 1 (zero-shot), row Emu, VQAv2"),
+    "okvqa": ("accuracy", "Table 1 (zero-shot), row Emu, OKVQA"),
+    "vizwiz": ("accuracy", "Table 1 (zero-shot), row Emu, VizWiz"),
+    "msvd_qa": ("accuracy", "Table 1 (zero-shot), row Emu, MSVD-QA"),
+    "msrvtt_qa": ("accuracy", "Table 1 (zero-shot), row Emu, MSRVTT-QA"),
+    "t2i_coco": ("FID", "the zero-shot text-to-image table, row Emu, MS-COCO 30k FID"),
 }
-checked = False
+
+
+class PaperNumbersError(ValueError):
+    """A --paper-numbers file that cannot be used (the message names the file and the entry)."""
+
+
+def load_paper_numbers(path: str) -> Dict[str, Tuple[float, str]]:
+    """{task: (value, source)} from a JSON file of {task: {"value": number, "source": "Table N, row R"}}."""
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PaperNumbersError(f"--paper-numbers {path}: {e}") from None
+    if not isinstance(entries, dict):
+        raise PaperNumbersError(f"--paper-numbers {path}: expected an object of task -> {{value, source}}")
+    numbers = {}
+    for task, entry in entries.items():
+        if task not in PAPER:
+            raise PaperNumbersError(f"--paper-numbers {path}: unknown task {task!r}; one of {', '.join(PAPER)}")
+        value = entry.get("value") if isinstance(entry, dict) else None
+        source = entry.get("source") if isinstance(entry, dict) else None
+        if not isinstance(value, (int, float)) or not isinstance(source, str) or not source.strip():
+            raise PaperNumbersError(f"--paper-numbers {path}: {task} needs a numeric \"value\" and a \"source\" "
+                                    "naming the paper's table and row")
+        numbers[task] = (float(value), source)
+    return numbers

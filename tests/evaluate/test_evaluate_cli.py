@@ -35,7 +35,7 @@ def test_caption_outputs(tiny_run, eval_set, tmp_path, capsys):
     assert [r["id"] for r in read_jsonl(out / "predictions.jsonl")] == ["1", "2", "3", "4"]
     assert not list(out.glob("predictions.rank*"))
     report = (out / "report.md").read_text()
-    assert "112.4" in report and "Table 1" in report and "CIDEr" in report
+    assert "not entered" in report and "Table 1" in report and "CIDEr" in report
 
 
 def test_vqa_resume_skips_finished_ids(tiny_run, eval_set, tmp_path, capsys):
@@ -47,8 +47,16 @@ def test_vqa_resume_skips_finished_ids(tiny_run, eval_set, tmp_path, capsys):
     full = json.loads((out / "results.json").read_text())["metrics"]["accuracy"]
     records = read_jsonl(out / "predictions.jsonl")
     os.remove(out / "results.json")
-    assert evaluate(capsys, *args, "--score-only", "--checkpoint", "/not/loaded")[0] == 0  # no model needed
-    assert json.loads((out / "results.json").read_text())["metrics"]["accuracy"] == full
+    numbers = tmp_path / "paper.json"
+    numbers.write_text(json.dumps({"vqav2": {"value": 12.5, "source": "Table 9, row Emu, VQAv2"}}))
+    assert evaluate(capsys, *args, "--score-only", "--checkpoint", "/not/loaded", "--paper-numbers", numbers)[0] == 0
+    assert json.loads((out / "results.json").read_text())["metrics"]["accuracy"] == full  # no model needed
+    assert "| 12.50 | arXiv:2307.05222 Table 9, row Emu, VQAv2 |" in (out / "report.md").read_text()
+    numbers.write_text(json.dumps({"vqav2": {"value": 12.5}}))
+    code, _, stderr = evaluate(capsys, *args, "--score-only", "--paper-numbers", numbers)
+    assert code == 2 and stderr.strip().splitlines() == [
+        f'error: --paper-numbers {numbers}: vqav2 needs a numeric "value" and a "source" naming the paper\'s '
+        'table and row']
     # a run killed after two examples: a rank file holding them (one marked), no merged file
     os.remove(out / "predictions.jsonl")
     kept = [dict(records[0], raw="KEPT"), records[1]]
