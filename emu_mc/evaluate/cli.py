@@ -52,6 +52,7 @@ def parse_args(argv):
     t = p.add_argument_group("text-to-image")
     t.add_argument("--decoder", help="diffusers directory of the visual decoder")
     t.add_argument("--inception", help="local TorchScript Inception for FID (fid.py)")
+    t.add_argument("--clip", help="local Hugging Face CLIPModel directory: adds the CLIP score (clip_score.py)")
     t.add_argument("--guidance-scale", type=float, default=ImageSettings.guidance_scale)
     t.add_argument("--steps", type=int, default=ImageSettings.steps)
     p.add_argument("--paper-numbers", help="JSON of the paper's figures with their table and row, to print "
@@ -82,6 +83,9 @@ def load_task(args):
         if not args.inception or not os.path.isfile(args.inception):
             raise GenerationInputError(f"--inception {args.inception}: a local TorchScript Inception file is needed "
                                        "for FID (fid.py); nothing is downloaded at run time")
+        if args.clip and not os.path.isdir(args.clip):
+            raise GenerationInputError(f"--clip {args.clip}: not a directory (a local Hugging Face CLIPModel "
+                                       "directory; nothing is downloaded at run time)")
     check_media(examples)
     return task, examples
 
@@ -136,8 +140,10 @@ def score(task: Task, args, records: Dict[str, dict], examples: Dict[str, Exampl
     if task.kind != "t2i":
         metrics = score_text(task, {k: r["prediction"] for k, r in records.items()}, examples, args.caption_tokenizer)
     else:
-        metrics = {"FID": fid_score(args.inception, {k: r["image"] for k, r in records.items() if "image" in r},
-                                    examples, device)}
+        images = {k: r["image"] for k, r in records.items() if "image" in r}
+        metrics = {"FID": fid_score(args.inception, images, examples, device)}
+        if args.clip:
+            metrics["CLIP score"] = t2i_clip_score(args.clip, images, examples, device)
     return {**metrics, "errors": errors}
 
 
@@ -153,6 +159,17 @@ def fid_score(inception: str, images: Dict[str, str], examples: Dict[str, Exampl
 
     net = load_inception(inception, device)
     return frechet_distance(features(images.values()), features(examples[k].media for k in images))
+
+
+def t2i_clip_score(clip_dir: str, images: Dict[str, str], examples: Dict[str, Example], device) -> float:
+    """Mean CLIP score of the generated PNGs (id -> path) against the captions that prompted them."""
+    import numpy as np
+    from PIL import Image
+
+    from emu_mc.evaluate.clip_score import clip_score, load_clip
+
+    pixels = [np.asarray(Image.open(path).convert("RGB")) for path in images.values()]
+    return clip_score(load_clip(clip_dir, device), pixels, [examples[k].references[0] for k in images], device)
 
 
 def run(args) -> int:

@@ -65,3 +65,29 @@ def tiny_inception(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "inception.pt"
     torch.jit.script(TinyInception()).save(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A random tiny Hugging Face CLIPModel directory with a byte-level CLIP tokenizer (no merges)."""
+    import json
+
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    folder = tmp_path_factory.mktemp("clip")
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=len(vocab) - 2,
+                         eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    return str(folder)

@@ -78,3 +78,37 @@ def test_frechet_distance():
     expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * trace_sqrt
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
     assert math.isfinite(frechet_distance(a[:2], b[:2]))  # singular covariances
+
+
+def test_clip_score_is_the_clamped_cosine_of_clips_embeddings(tiny_clip_dir):
+    """clip_score == 100 * mean(max(cos(image embedding, caption embedding), 0)) computed by CLIPModel's own
+    forward (its logits are logit_scale * cosine) on the same preprocessed inputs."""
+    import numpy as np
+    import torch
+
+    from emu_mc.evaluate.clip_score import clip_score, load_clip
+
+    clip = load_clip(tiny_clip_dir, torch.device("cpu"))
+    model, tokenizer, processor = clip
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(40, 48), (32, 32), (64, 36)]]
+    captions = ["a red bus", "two cats on a sofa", "x" * 300]  # the last one is cut to 77 positions
+    got = clip_score(clip, images, captions, torch.device("cpu"), batch_size=2)
+    with torch.no_grad():
+        out = model(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"],
+                    **tokenizer(captions, padding=True, truncation=True, max_length=77, return_tensors="pt"))
+        cos = out.logits_per_image.diagonal() / model.logit_scale.exp()
+    assert got == pytest.approx(float(100 * cos.clamp(min=0).mean()), abs=1e-4)
+    assert 0.0 <= got <= 100.0
+
+
+def test_clip_score_needs_a_local_clip_directory(tmp_path):
+    import torch
+
+    from emu_mc.evaluate.clip_score import load_clip
+    from emu_mc.inference.settings import GenerationInputError
+
+    with pytest.raises(GenerationInputError, match="not a directory"):
+        load_clip(str(tmp_path / "missing"), torch.device("cpu"))
+    with pytest.raises(GenerationInputError, match="not a CLIPModel directory"):
+        load_clip(str(tmp_path), torch.device("cpu"))

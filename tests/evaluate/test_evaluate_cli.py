@@ -153,17 +153,20 @@ def test_video_qa(tiny_run, video_qa_set, tmp_path, capsys):
     assert results["n"] == 3 and 0.0 <= results["metrics"]["accuracy"] <= 100.0
 
 
-def test_text_to_image_fid(tiny_run, tiny_decoder_dir, tiny_inception, eval_set, tmp_path, capsys):
+def test_text_to_image_fid(tiny_run, tiny_decoder_dir, tiny_inception, tiny_clip_dir, eval_set, tmp_path, capsys):
     _, files = eval_set
     args = ["--task", "t2i_coco", "--checkpoint", tiny_run, "--data", files["captions"], "--out", tmp_path,
             "--decoder", tiny_decoder_dir[0], "--steps", "2"]
-    code, _, stderr = evaluate(capsys, *args, "--inception", tiny_inception)
+    code, _, stderr = evaluate(capsys, *args, "--inception", tiny_inception, "--clip", tiny_clip_dir)
     assert code == 0, stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["n"] == 4 and results["metrics"]["FID"] >= 0.0
+    assert 0.0 <= results["metrics"]["CLIP score"] <= 100.0
     assert all(os.path.isfile(r["image"]) for r in read_jsonl(tmp_path / "predictions.jsonl"))
     code, _, stderr = evaluate(capsys, *args, "--inception", tmp_path / "missing.pt")
     assert code == 2 and "--inception" in stderr and "downloaded" in stderr
+    code, _, stderr = evaluate(capsys, *args, "--inception", tiny_inception, "--clip", tmp_path / "no-clip")
+    assert code == 2 and "--clip" in stderr and "downloaded" in stderr
 
 
 @pytest.mark.parametrize("task, data", [
