@@ -15,6 +15,9 @@ grouped-query attention, never repeated in memory), and returns [S, B, Hq * D]:
   te            Transformer Engine through megatron's TEDotProductAttention (emu_mc/model/llm_attention.py)
   local         megatron's unfused DotProductAttention with the dense [B, 1, S, S] mask (the reference)
 `PackedDocuments` holds what a backend needs, built once per micro-batch and shared by every layer.
+When every row is one document without padding (unpacked training, or generation's prefill of one
+prompt), sdpa and flex run plain causal SDPA over [B, H, S, D] instead: no gathers and no BlockMask,
+and on CUDA the flash kernel, which is faster than FlexAttention on the causal pattern.
 """
 import functools
 import math
@@ -91,6 +94,7 @@ class PackedDocuments:
     # causality keeps the real queries off their keys)
     buckets: List[torch.Tensor] = field(default_factory=list)
     inverse: Optional[torch.Tensor] = None  # sdpa: [S * B] long, each token's row in the cat of bucket outputs
+    causal_only: bool = False  # every row one document, no padding: plain causal attention (sdpa, flex)
 
     @classmethod
     def from_segment_ids(cls, segment_ids: torch.Tensor, impl: str) -> "PackedDocuments":
@@ -99,7 +103,10 @@ class PackedDocuments:
         b, s = segment_ids.shape
         starts, lengths = document_runs(segment_ids)
         cu_seqlens = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
-        docs = cls(segment_ids=segment_ids, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
+        docs = cls(segment_ids=segment_ids, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()),
+                   causal_only=starts.numel() == b and bool((segment_ids[:, 0] >= 0).all()))
+        if docs.causal_only:
+            return docs
         if impl == "flex":
             docs.block_mask = document_block_mask(segment_ids)
         elif impl == "sdpa":
@@ -169,8 +176,19 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: 
     """q [S, B, Hq, D], k/v [S, B, Hkv, D] (same dtype) -> [S, B, Hq * D], attention causal inside each
     document of `docs`. `impl`: sdpa, flex or flash_varlen (te runs in emu_mc/model/llm_attention.py)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if docs.causal_only and impl in ("sdpa", "flex"):
+        return causal_attention(q, k, v, scale)
     return {"sdpa": sdpa_attention, "flex": flex_attention, "flash_varlen": flash_varlen_attention}[impl](
         q, k, v, docs, scale)
+
+
+def causal_attention(q, k, v, scale: float) -> torch.Tensor:
+    """Plain causal SDPA on [B, H, S, D] views, for rows that are one document each; shapes as
+    `document_attention`."""
+    s, b, hq, d = q.shape
+    out = F.scaled_dot_product_attention(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), is_causal=True, scale=scale,
+                                         enable_gqa=hq != k.shape[2])  # [B, Hq, S, D]
+    return out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
 
 
 def sdpa_attention(q, k, v, docs: PackedDocuments, scale: float) -> torch.Tensor:

@@ -193,3 +193,19 @@ def test_flex_compiled_bf16_matches_reference_on_gpu(case):
     assert_close_normwise(actual, expected, "out")
     for name, a, e in zip("qkv", grads(actual, (q, k, v)), grads(expected, ref_inputs)):
         assert_close_normwise(a, e, f"d{name}")
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "flex"])
+def test_rows_of_one_document_run_plain_causal_attention(impl):
+    """Every row one document, no padding: sdpa and flex skip the gathers / BlockMask and run causal SDPA
+    (forward and grads equal the reference, also for flex on CPU); padding or a second document does not."""
+    seg = segments((29, 0), (29, 0))
+    docs = PackedDocuments.from_segment_ids(seg, impl)
+    assert docs.causal_only and docs.block_mask is None and not docs.buckets
+    q, k, v = qkv(seg)
+    actual, expected = document_attention(q, k, v, docs, impl), document_attention_reference(q, k, v, seg)
+    torch.testing.assert_close(actual, expected, **FP32_TOL)
+    for name, a, e in zip("qkv", grads(actual, (q, k, v)), grads(expected, (q, k, v))):
+        torch.testing.assert_close(a, e, **FP32_TOL, msg=f"d{name}")
+    for other in (segments((29, 0), (28, 1)), segments((29, 0), (20, 9, 0)), torch.tensor([[-1] + [0] * 28])):
+        assert not PackedDocuments.from_segment_ids(other, impl).causal_only
