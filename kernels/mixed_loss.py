@@ -22,7 +22,8 @@ This file holds the plain PyTorch reference `mixed_ce_regression_loss_reference`
 (same signature and semantics; fp16, bf16 or fp32), which never holds more than one chunk of logits.
 
 Design (v2): chunked, gradients computed in the forward (the Liger-Kernel scheme), GEMMs on cuBLAS.
-  forward, per chunk of rows (all rows: skipping ignored ones would need their count on the host):
+  forward, per chunk of rows (all rows, or the rows of `text_index` when the caller knows them: skipping
+  ignored rows takes their count on the host, which the op itself never asks for):
     logits = hidden_chunk @ W^T                      cuBLAS, input dtype out (fp32 accumulate)
     _row_stats_kernel: per row max, sum exp and the target's logit over the valid columns (fp32);
       with tp_group the ranks combine them here (all-reduce max, rescale, all-reduce sum)
@@ -125,8 +126,10 @@ def mixed_ce_regression_loss_reference(
     ignore_index: int = -100,
     valid_vocab_size: Optional[int] = None,
     tp_group: Optional[dist.ProcessGroup] = None,
+    text_index: Optional[torch.Tensor] = None,
 ):
-    """Eager reference; see the module docstring. Returns (total, ce, reg) fp32 scalars."""
+    """Eager reference; see the module docstring. Returns (total, ce, reg) fp32 scalars. `text_index` (a
+    hint for the fused op: which rows to run the CE over) does not change the result and is not used."""
     logits = hidden.float() @ lm_weight.float().t()  # [N, V_local]
     if valid_vocab_size is not None:
         rank = dist.get_rank(tp_group) if tp_group is not None else 0
@@ -238,18 +241,24 @@ def _combine_over_ranks(stats, group):
 
 
 def _cross_entropy_chunks(hidden, lm_weight, targets, ignore_index, vocab_start, v_valid, tp_group,
-                          grad_hidden, grad_lm_weight):
-    """CE per row [N] fp32 (0 for ignored rows), chunk by chunk. When given, fills grad_hidden [N, H]
-    with d(sum of CE)/d hidden and grad_lm_weight [V_local, H] (zeros on entry) with d(sum of CE)/d W,
-    both in the input dtype, unscaled (not divided by the number of valid rows)."""
-    num_rows, v_local = hidden.shape[0], lm_weight.shape[0]
+                          grad_hidden, grad_lm_weight, text_index=None):
+    """CE per row fp32 (0 for ignored rows), chunk by chunk, over all N rows, or over the rows
+    `text_index` [T] lists (then [T]). When given, fills grad_hidden [N, H] with d(sum of CE)/d hidden
+    (with text_index only its rows: the rest must be zeros on entry) and grad_lm_weight [V_local, H]
+    (zeros on entry) with d(sum of CE)/d W, both in the input dtype, unscaled (not divided by the number
+    of valid rows)."""
+    num_rows, v_local = hidden.shape[0] if text_index is None else text_index.numel(), lm_weight.shape[0]
     chunk = max(1, min(num_rows, _chunk_rows(num_rows, v_local, hidden.element_size(), hidden.device)))
     meta = _row_kernel_meta(v_local, hidden.device)
     logits_buffer = hidden.new_empty(chunk, v_local)
     ce_rows = hidden.new_empty(num_rows, dtype=torch.float32)
     for begin in range(0, num_rows, chunk):
         end = min(begin + chunk, num_rows)
-        rows_hidden, rows_targets = hidden[begin:end], targets[begin:end]
+        if text_index is None:
+            rows_hidden, rows_targets = hidden[begin:end], targets[begin:end]
+        else:
+            rows = text_index[begin:end]
+            rows_hidden, rows_targets = hidden.index_select(0, rows), targets.index_select(0, rows)
         logits = torch.mm(rows_hidden, lm_weight.t(), out=logits_buffer[:end - begin])  # [rows, V_local]
         stats = hidden.new_empty(3, end - begin, dtype=torch.float32)  # max, sum exp, target logit
         _launch(_row_stats_kernel, (end - begin,), logits, rows_targets, stats[0], stats[1], stats[2],
@@ -262,8 +271,10 @@ def _cross_entropy_chunks(hidden, lm_weight, targets, ignore_index, vocab_start,
             continue
         _launch(_logit_grad_kernel, (end - begin,), logits, rows_targets, lse, logits.stride(0), vocab_start,
                 ignore_index, V_LOCAL=v_local, V_VALID=v_valid, **meta)
-        if grad_hidden is not None:
+        if grad_hidden is not None and text_index is None:
             torch.mm(logits, lm_weight, out=grad_hidden[begin:end])
+        elif grad_hidden is not None:
+            grad_hidden.index_copy_(0, rows, torch.mm(logits, lm_weight))
         if grad_lm_weight is not None:
             grad_lm_weight.addmm_(logits.t(), rows_hidden)
     return ce_rows
@@ -303,7 +314,7 @@ class MixedLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets,
-                ignore_index, valid_vocab_size, tp_group, needs_grad):
+                ignore_index, valid_vocab_size, tp_group, needs_grad, text_index):
         v_local = lm_weight.shape[0]
         vocab_start = dist.get_rank(tp_group) * v_local if tp_group is not None else 0
         v_valid = v_local if valid_vocab_size is None else min(max(valid_vocab_size - vocab_start, 0), v_local)
@@ -317,10 +328,12 @@ class MixedLossFunction(torch.autograd.Function):
             reg = squares / reg_count
             reg_grads = (rows, *grads)
 
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_hidden = None
+        if need_hidden:
+            grad_hidden = torch.empty_like(hidden) if text_index is None else torch.zeros_like(hidden)
         grad_lm_weight = torch.zeros_like(lm_weight) if need_lm_weight else None
         ce_rows = _cross_entropy_chunks(hidden, lm_weight, targets, ignore_index, vocab_start, v_valid,
-                                        tp_group, grad_hidden, grad_lm_weight)
+                                        tp_group, grad_hidden, grad_lm_weight, text_index)
         num_valid = (targets != ignore_index).sum().clamp_(min=1)
         ce = ce_rows.sum() / num_valid
         ctx.save_for_backward(num_valid, grad_hidden, grad_lm_weight, *reg_grads)
@@ -345,7 +358,7 @@ class MixedLossFunction(torch.autograd.Function):
             grad_head = grad_ce.new_zeros(ctx.head_shape, dtype=ctx.head_dtype)
         if grad_targets is not None:
             grad_targets = grad_targets.mul_(reg_scale).to(ctx.reg_targets_dtype)
-        return grad_hidden, grad_lm_weight, None, grad_head, None, grad_targets, None, None, None, None
+        return grad_hidden, grad_lm_weight, None, grad_head, None, grad_targets, None, None, None, None, None
 
 
 def mixed_ce_regression_loss(
@@ -361,9 +374,12 @@ def mixed_ce_regression_loss(
     ignore_index: int = -100,
     valid_vocab_size: Optional[int] = None,
     tp_group: Optional[dist.ProcessGroup] = None,
+    text_index: Optional[torch.Tensor] = None,
 ):
     """Fused loss, same signature and semantics as `mixed_ce_regression_loss_reference` (module
-    docstring). hidden [N, H] and lm_weight [V_local, H] share one dtype (fp16, bf16 or fp32); the
+    docstring). `text_index` [T] long (optional): rows of `hidden` that may have a text target, covering
+    every row that does (e.g. `(targets != ignore_index).nonzero()[:, 0]`, which the caller may compute
+    where a sync costs nothing): the CE GEMMs then run over these T rows only, not all N. hidden [N, H] and lm_weight [V_local, H] share one dtype (fp16, bf16 or fp32); the
     regression inputs may be any float dtype (the head is cast to hidden's for the matmuls). Gradients
     come back in each input's dtype. CUDA tensors, or CPU under TRITON_INTERPRET=1. No host
     synchronisation (CUDA-graph capturable without tp_group). Returns (total, ce, reg) fp32 scalars."""
@@ -380,5 +396,5 @@ def mixed_ce_regression_loss(
                        for t in (hidden, lm_weight, reg_head_weight, reg_targets))
     ce, reg = MixedLossFunction.apply(hidden.contiguous(), lm_weight.contiguous(), targets.contiguous(),
                                       reg_head_weight, reg_index, reg_targets, ignore_index, valid_vocab_size,
-                                      tp_group, needs_grad)
+                                      tp_group, needs_grad, text_index)
     return ce_loss_weight * ce + reg_loss_weight * reg, ce, reg

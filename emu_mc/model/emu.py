@@ -198,6 +198,7 @@ class EmuModel(MegatronModule):
             flat, output_weight(self.llm), targets, self.regress_head.weight, reg_index, reg_targets,
             ce_loss_weight=self.cfg.loss.ce_weight, reg_loss_weight=self.cfg.loss.reg_weight,
             ignore_index=IGNORE_INDEX, valid_vocab_size=self.vocab_size, tp_group=tp_group,
+            text_index=(targets != IGNORE_INDEX).nonzero().squeeze(1),  # the CE runs over these rows only
         )
         return {"loss": total, "ce": ce, "reg": reg}
 

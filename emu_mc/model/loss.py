@@ -13,7 +13,8 @@ def mixed_loss_fn(impl: str) -> Callable:
     """'triton' (fused, never materialises logits), 'reference' (PyTorch), 'auto' (Triton on CUDA).
 
     Both take (hidden [N,H], lm_weight [V,H], targets [N], reg_head_weight [E,H], reg_index [R],
-    reg_targets [R,E], *, ce_loss_weight, reg_loss_weight, ignore_index, valid_vocab_size, tp_group)
+    reg_targets [R,E], *, ce_loss_weight, reg_loss_weight, ignore_index, valid_vocab_size, tp_group,
+    text_index)
     and return (total, ce, reg) fp32 scalars; see emu_mc/kernels/mixed_loss.py.
     """
     if impl == "reference" or (impl == "auto" and not torch.cuda.is_available()):

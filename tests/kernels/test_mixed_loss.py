@@ -127,11 +127,13 @@ def assert_all_close(actual, expected, dtype, what=""):
                                    msg=lambda m: f"{what}{name}: {m}")
 
 
-def check_case(case: Case, device):
+def check_case(case: Case, device, text_index=None):
+    """The fused loss (over the rows `text_index(targets)` names, or all) against the fp32 reference."""
     inputs = make_inputs(case, device)
     hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets = inputs
     kw = dict(ce_loss_weight=0.7, reg_loss_weight=1.3, ignore_index=IGNORE, valid_vocab_size=case.valid_vocab_size)
-    actual = losses_and_grads(mixed_ce_regression_loss, *inputs, **kw)
+    rows = {} if text_index is None else {"text_index": text_index(targets)}
+    actual = losses_and_grads(mixed_ce_regression_loss, *inputs, **kw, **rows)
     h32, w32, r32 = fp32_leaves(hidden, lm_weight, reg_head_weight)
     expected = losses_and_grads(mixed_ce_regression_loss_reference, h32, w32, targets, r32, reg_index,
                                 reg_targets.float(), **kw)
@@ -139,6 +141,24 @@ def check_case(case: Case, device):
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
     assert_all_close(actual, expected, case.dtype)
     return actual
+
+
+TEXT_ROWS = {
+    "text rows": lambda targets: (targets != IGNORE).nonzero().squeeze(1),
+    "a superset": lambda targets: ((targets != IGNORE) | (torch.arange(targets.numel(), device=targets.device) % 4 == 0)
+                                   ).nonzero().squeeze(1),
+}
+
+
+@pytest.mark.parametrize("rows", sorted(TEXT_ROWS))
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 4, 6, 7, 8)],
+                         ids=lambda c: f"{c.name}-N{c.N}-V{c.V}-{str(c.dtype)[6:]}")
+def test_text_index_runs_the_ce_over_those_rows_only(case, rows, device):
+    """With text_index (the text rows, or any superset of them) the loss and every gradient equal the
+    reference; all ignored: an empty index, exact zeros."""
+    actual = check_case(case, device, text_index=TEXT_ROWS[rows])
+    if case.ignored == "all":
+        assert actual[1].item() == 0.0 and (actual[4] == 0).all()
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.name}-N{c.N}-H{c.H}-V{c.V}-{str(c.dtype)[6:]}")
@@ -407,11 +427,13 @@ def tp_worker(out_dir: str):
         hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets = make_inputs(case, "cpu")
         v_local = case.V // world
         results = {}
-        for fn in (mixed_ce_regression_loss, mixed_ce_regression_loss_reference):
+        text_rows = {"text_index": TEXT_ROWS["text rows"](targets)}
+        for name, fn, rows in (("kernel", mixed_ce_regression_loss, {}), ("kernel over text rows",
+                               mixed_ce_regression_loss, text_rows), ("reference", mixed_ce_regression_loss_reference, {})):
             shard = lm_weight.detach()[rank * v_local:(rank + 1) * v_local].clone().requires_grad_()
-            results[fn.__name__] = losses_and_grads(
+            results[name] = losses_and_grads(
                 fn, hidden, shard, targets, reg_head_weight, reg_index, reg_targets,
-                valid_vocab_size=case.valid_vocab_size, tp_group=dist.group.WORLD, **TP_KW)
+                valid_vocab_size=case.valid_vocab_size, tp_group=dist.group.WORLD, **TP_KW, **rows)
         torch.save(results, os.path.join(out_dir, f"{case.name}_rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -432,10 +454,11 @@ def test_vocab_parallel_matches_unsharded():
 
 
 def check_vocab_parallel(case, ranks):
-    kernel = [r["mixed_ce_regression_loss"] for r in ranks]
     for rank, result in enumerate(ranks):
-        assert_all_close(kernel[rank], result["mixed_ce_regression_loss_reference"], case.dtype,
-                         f"{case.name} rank {rank} vs reference with tp_group: ")
+        for variant in ("kernel", "kernel over text rows"):
+            assert_all_close(result[variant], result["reference"], case.dtype,
+                             f"{case.name} rank {rank} {variant} vs reference with tp_group: ")
+    kernel = [r["kernel"] for r in ranks]
 
     unsharded = losses_and_grads(mixed_ce_regression_loss_reference, *make_inputs(case, "cpu"),
                                  valid_vocab_size=case.valid_vocab_size, **TP_KW)
