@@ -218,10 +218,9 @@ class DocumentBuilder:
                 paths[path] += 1
         return pixels
 
-    def build_chat(self, exchanges: List[List[Piece]], open_turn: bool = False) -> Document:
-        """Rendered exchanges (emu_mc.data.chat.render) -> Document with its loss mask. The first
-        exchanges that fit in seq_length tokens are kept; `open_turn`: the last one has no answer and
-        no eos follows (a generation prompt)."""
+    def build_chat(self, exchanges: List[List[Piece]]) -> Document:
+        """Rendered exchanges (emu_mc.data.chat.render; a generation prompt's last one is open) ->
+        Document with its loss mask. The first exchanges that fit in seq_length tokens are kept."""
         block = len(self.block)
         size = {"text": len, "image": lambda _: block, "video": lambda _: block * self.frames}
         items: List[Tuple[str, object, bool]] = []
@@ -234,7 +233,7 @@ class DocumentBuilder:
             items += these
             budget -= need
             kept += 1
-        if kept == 0 or (kept < len(exchanges) and (self.overlong == "skip" or open_turn)):
+        if kept == 0 or (kept < len(exchanges) and self.overlong == "skip"):
             raise SampleError(TOO_LONG, f"{'the conversation' if kept else 'its first exchange'} does not fit "
                                         f"in {self.seq_length} tokens")
         paths: Counter = Counter()
