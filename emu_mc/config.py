@@ -354,7 +354,7 @@ def document_fit_warnings(cfg: Config) -> List[str]:
     """One line per source whose typical document does not fit in data.seq_length: such a run would
     drop most documents (empty_document) or their images, a few steps in. Empty when all fit."""
     d, block = cfg.data, cfg.model.resampler.num_queries + 2
-    blocks = {"image_text": 1, "interleaved": 1, "video_text": d.frames_per_video, "video_interleaved": 1}
+    blocks = {"image_text": 1, "interleaved": 1, "video_text": d.frames_per_video, "video_interleaved": 1, "chat": 1}
     warnings = []
     for i, src in enumerate(d.sources if d.kind == "webdataset" else []):
         need = 2 + blocks[src.kind] * block + _TYPICAL_TEXT_TOKENS

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from emu_mc.config import ConfigError, load_config
+from emu_mc.config import ConfigError, document_fit_warnings, load_config
 from emu_mc.data import build_data_loader
 from emu_mc.data.chat import IMAGE_SYSTEM, VIDEO_SYSTEM, render
 from emu_mc.data.decode import make_decoder
@@ -235,6 +235,7 @@ def test_bundled_chat_set_loads_with_the_documented_entry(chat_tok):
         "--model.chat_tokens", "true", "--data.seq_length", "256", "--data.sources.0.kind", "chat",
         "--data.sources.0.shards", shards, "--data.sources.0.weight", "1", "--data.sources.1.weight", "0",
         "--data.sources.2.weight", "0", "--data.sources.3.weight", "0", "--data.num_workers", "0"])
+    assert document_fit_warnings(cfg) == []
     loader = build_data_loader(cfg, tok)
     batches = [next(loader) for _ in range(4)]
     stats = loader.stats()
