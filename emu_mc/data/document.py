@@ -34,10 +34,12 @@ class Document:
     loss_mask: Optional[List[bool]] = None
 
 
-def make_encoder(tokenizer, ids: SpecialTokenIds) -> Callable[[str], List[int]]:
+def make_encoder(tokenizer, ids: SpecialTokenIds, keep_turn_tokens: bool = False) -> Callable[[str], List[int]]:
     """A thread-safe text -> token ids function (no bos/eos; special ids filtered out, so a caption
-    that spells "[IMG]" cannot forge an image block)."""
-    banned = {ids.bos, ids.eos, ids.pad, ids.img_begin, ids.img_end, ids.img_slot, ids.user, ids.assistant} - {None}
+    that spells "[IMG]" cannot forge an image block, nor "[USER]" a chat turn unless
+    `keep_turn_tokens`: a plain generation prompt may spell the chat template, as the release's do)."""
+    turns = set() if keep_turn_tokens else {ids.user, ids.assistant}
+    banned = ({ids.bos, ids.eos, ids.pad, ids.img_begin, ids.img_end, ids.img_slot} | turns) - {None}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         from tokenizers import Tokenizer

@@ -95,14 +95,16 @@ class PromptBuilder:
 
     def __init__(self, cfg, tokenizer, ids, image_size: int):
         self.cfg, self.ids = cfg, ids
-        self.encode = make_encoder(tokenizer, ids)
+        self.encode = make_encoder(tokenizer, ids)  # chat requests: turn tokens only where the template puts them
+        self.encode_plain = make_encoder(tokenizer, ids, keep_turn_tokens=True)  # a prompt may spell the template
         self.decoder = make_decoder("cpu", image_size)
 
     def document(self, request: Request, max_length: int):
         """(token ids [bos, ...], images float32 [N, 3, s, s]) of one request."""
-        builder = DocumentBuilder(self.encode, self.ids, num_queries=self.cfg.model.resampler.num_queries,
-                                  seq_length=max_length + 1, frames_per_video=self.cfg.data.frames_per_video,
-                                  decoder=self.decoder, overlong="skip")
+        builder = DocumentBuilder(self.encode if request.chat else self.encode_plain, self.ids,
+                                  num_queries=self.cfg.model.resampler.num_queries, seq_length=max_length + 1,
+                                  frames_per_video=self.cfg.data.frames_per_video, decoder=self.decoder,
+                                  overlong="skip")
         try:
             if request.chat:
                 if None in (self.ids.user, self.ids.assistant):
