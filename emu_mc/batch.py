@@ -4,9 +4,12 @@ A row of `input_ids` holds one or more documents packed back to back, each
 `<s> text ... [IMG] <image> x num_queries [/IMG] text ... </s>`, then padding. The images of the
 whole batch are stacked in order of appearance (row 0 left to right, then row 1, ...), so the k-th
 `[IMG]` block of the batch takes `images[k]`. Text and regression targets are derived from
-`input_ids` and `segment_ids` by the model (emu_mc/model/targets.py), not stored here.
+`input_ids` and `segment_ids` by the model (emu_mc/model/targets.py), not stored here; `loss_mask`
+(chat data) narrows them to the tokens that are targets: a text target or a regression target counts
+only where the token it predicts has loss_mask True.
 """
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 
@@ -19,9 +22,14 @@ class Batch:
     position_ids: torch.Tensor  # [B, S] long, restarting at 0 for each document
     segment_ids: torch.Tensor  # [B, S] long, document index within its row (0, 1, ...); -1 on padding
     images: torch.Tensor  # [N_img, 3, image_size, image_size] float32, CLIP-normalised
+    # [B, S] bool: the token may be a target (chat: the assistant's answers and their </s>; every token
+    # of a pretraining document; never padding); None = every token (a batch without chat documents).
+    loss_mask: Optional[torch.Tensor] = None
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{name: None if value is None else value.to(device, non_blocking=non_blocking)
+                        for name, value in moved.items()})
 
     @property
     def num_tokens(self) -> int:

@@ -60,10 +60,12 @@ def _flatten(tree: Dict[str, Any], prefix: str) -> Dict[str, Any]:
 
 def check_same_model(path: str, meta: Dict[str, Any], model: Dict[str, Any], vocab_size: int) -> None:
     """Refuse (ConfigError) to resume checkpoint `path` into another model: `model` is this run's
-    config_to_dict(cfg)["model"], compared with the one saved in `meta`, field by field."""
-    from emu_mc.config import ConfigError
+    config_to_dict(cfg)["model"], compared with the one saved in `meta`, field by field (a field added
+    since the checkpoint was written counts with its default)."""
+    from emu_mc.config import Config, ConfigError, config_to_dict
 
-    saved, current = _flatten(meta["config"]["model"], "model."), _flatten(model, "model.")
+    defaults = _flatten(config_to_dict(Config())["model"], "model.")
+    saved, current = {**defaults, **_flatten(meta["config"]["model"], "model.")}, _flatten(model, "model.")
     skip = {f"model.{name}" for name in RESUMABLE_MODEL_FIELDS}
     differ = [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
               for k in sorted(set(saved) | set(current)) if k not in skip and saved.get(k) != current.get(k)]
@@ -448,7 +450,7 @@ def load_checkpoint_model(step_dir: str, *, tp: int = 1, tokenizer: Optional[str
         cfg = config_from_dict(meta["config"])
         if tokenizer:
             cfg.model.tokenizer = tokenizer
-        tok = load_tokenizer(cfg.model.tokenizer)
+        tok = load_tokenizer(cfg.model.tokenizer, cfg.model.chat_tokens)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
         raise CheckpointConfigError(f"{step_dir}/meta.json: {err}") from None
     init_distributed(tp, 1, seed=cfg.train.seed)

@@ -102,6 +102,10 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     # A local HF tokenizer directory; "tiny" means the small tokenizer shipped in emu_mc/assets.
     tokenizer: str = "tiny"
+    # Add Emu-I's turn tokens [USER] and [ASSISTANT] after the tokenizer's others (the release's order;
+    # one that has them keeps their ids). Needed by chat sources; rows that a model loaded from
+    # init_from lacks start at the mean of its rows, as the release initialised them.
+    chat_tokens: bool = False
     # std of the normal init of the LLM's and ViT's weight matrices and of the resampler's queries (the
     # rest of the resampler follows T5's init, the regression head nn.Linear's default, as released)
     init_std: float = 0.02
@@ -119,11 +123,12 @@ class SourceConfig:
 
     Kinds (sample layouts in emu_mc/data/sources.py): image_text (LAION: jpg|png|webp + txt|json),
     interleaved (MMC4: json text_list/image_info + images), video_text (WebVid: mp4|webm + txt|json),
-    video_interleaved (YT-Storyboard: {i}.jpg|png frames, {i}.txt subtitles, json timestamps).
+    video_interleaved (YT-Storyboard: {i}.jpg|png frames, {i}.txt subtitles, json timestamps),
+    chat (instruction tuning: json conversations + images/videos, emu_mc/data/chat.py; docs/chat_data.md).
     """
 
     # The sample layout of the shards.
-    kind: Literal["image_text", "interleaved", "video_text", "video_interleaved"] = "image_text"
+    kind: Literal["image_text", "interleaved", "video_text", "video_interleaved", "chat"] = "image_text"
     # Tar shards: local files (a path, a glob, or a brace pattern like data/laion-{000000..000009}.tar),
     # `pipe:COMMAND` (its stdout is the tar), http(s):// URLs, or s3:// / gs:// objects (fsspec with
     # s3fs / gcsfs). Brace patterns expand in all of them; several patterns may be joined with "::".
@@ -302,6 +307,8 @@ class Config:
                 _require(src.shards.strip() != "", f"data.sources[{i}].shards",
                          "a path, glob or brace pattern, pipe:COMMAND or a URL")
                 _require(src.weight >= 0.0, f"data.sources[{i}].weight", ">= 0")
+                _require(src.kind != "chat" or self.model.chat_tokens, "model.chat_tokens",
+                         f"true when data.sources[{i}].kind is chat (the [USER] / [ASSISTANT] turn tokens)")
             _require(sum(src.weight for src in d.sources) > 0, "data.sources", "at least one source with weight > 0")
         return self
 
@@ -347,7 +354,7 @@ def document_fit_warnings(cfg: Config) -> List[str]:
     """One line per source whose typical document does not fit in data.seq_length: such a run would
     drop most documents (empty_document) or their images, a few steps in. Empty when all fit."""
     d, block = cfg.data, cfg.model.resampler.num_queries + 2
-    blocks = {"image_text": 1, "interleaved": 1, "video_text": d.frames_per_video, "video_interleaved": 1}
+    blocks = {"image_text": 1, "interleaved": 1, "video_text": d.frames_per_video, "video_interleaved": 1, "chat": 1}
     warnings = []
     for i, src in enumerate(d.sources if d.kind == "webdataset" else []):
         need = 2 + blocks[src.kind] * block + _TYPICAL_TEXT_TOKENS

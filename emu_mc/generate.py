@@ -5,12 +5,18 @@
         --image a.jpg --image b.jpg --num-beams 5 --length-penalty 0
     python -m emu_mc.generate --checkpoint runs/tiny --mode image --prompt "a cat" --decoder sd-emu/ --out out.jsonl
     python -m emu_mc.generate --checkpoint runs/tiny --requests requests.jsonl --out out.jsonl
+    python -m emu_mc.generate --checkpoint runs/emu-i --chat --image cat.jpg --prompt "What is the cat doing?"
+    python -m emu_mc.generate --checkpoint runs/emu-i --chat --image cat.jpg   # interactive: one user turn per line
     torchrun --nproc_per_node=8 -m emu_mc.generate --checkpoint runs/emu14b --requests r.jsonl --out out.jsonl  # TP 8
 
 Prompt syntax: `{image}` / `{video}` mark where the next --image / --video file goes; files without a
 marker go before the text. A requests file holds one JSON object per line: {"prompt": str,
-"images": [paths], "videos": [paths], "mode": "text" | "image", "id": any}; relative paths are read
-from the requests file's directory. Results go to stdout and, with --out, to a JSONL file (one line per
+"images": [paths], "videos": [paths], "mode": "text" | "image", "id": any, "chat": bool, "system": str,
+"history": [[user, assistant], ...]}; relative paths are read from the requests file's directory.
+--chat (an Emu-I model) renders the chat template around the prompt, `{system} [USER]: {prompt}
+[ASSISTANT]:`, with the release's system message for the media unless --system is given, and the
+answer ends at the assistant turn's end (</s>); with --chat and neither --prompt nor --requests, each
+line read from stdin is the user's next turn, answered with the conversation so far (Ctrl-D ends). Results go to stdout and, with --out, to a JSONL file (one line per
 request, in order); images are written as PNG files (--image-dir, default: beside --out). Under torchrun the
 LLM is tensor-parallel over all processes; rank 0 runs the diffusion decoder and writes the results.
 Bad input (a missing or unreadable file, a prompt longer than the model's positions, a checkpoint
@@ -42,6 +48,9 @@ def parse_args(argv):
     src.add_argument("--video", action="append", default=[], help="video file (repeatable, in marker order)")
     src.add_argument("--mode", choices=["text", "image"], default="text", help="what --prompt asks for")
     src.add_argument("--requests", help="JSONL file, one request per line (instead of --prompt)")
+    src.add_argument("--chat", action="store_true", help="the Emu-I chat template around the prompt; without "
+                                                         "--prompt / --requests: a conversation on stdin")
+    src.add_argument("--system", help="--chat: the system message (default: the release's for the media)")
     out = p.add_argument_group("output")
     out.add_argument("--out", help="JSONL file for the results (one line per request)")
     out.add_argument("--image-dir", help="where PNGs go (default: beside --out, else ./generated)")
@@ -102,11 +111,14 @@ def read_requests(path: str) -> List[Request]:
             request = Request(prompt=record.get("prompt", ""), mode=record.get("mode", "text"),
                               id=record.get("id"),
                               images=[os.path.join(base, x) for x in record.get("images", [])],
-                              videos=[os.path.join(base, x) for x in record.get("videos", [])])
+                              videos=[os.path.join(base, x) for x in record.get("videos", [])],
+                              chat=bool(record.get("chat", False)), system=record.get("system"),
+                              history=[(str(u), str(a)) for u, a in record.get("history", [])])
         except (ValueError, TypeError) as err:
             raise GenerationInputError(f"--requests {path} line {n}: {err}") from None
-        if request.mode not in ("text", "image"):
-            raise GenerationInputError(f"--requests {path} line {n}: mode {request.mode!r} is not text or image")
+        if request.mode not in ("text", "image") or (request.chat and request.mode != "text"):
+            raise GenerationInputError(f"--requests {path} line {n}: mode {request.mode!r} is not text or image "
+                                       "(chat requests: text)")
         requests.append(request)
     if not requests:
         raise GenerationInputError(f"--requests {path}: no requests in it")
@@ -115,11 +127,18 @@ def read_requests(path: str) -> List[Request]:
 
 def collect_requests(args) -> List[Request]:
     if (args.prompt is None) == (args.requests is None):
-        raise GenerationInputError("give either --prompt (with --image / --video) or --requests FILE.jsonl")
+        raise GenerationInputError("give either --prompt (with --image / --video) or --requests FILE.jsonl "
+                                   "(or --chat alone: a conversation on stdin)")
+    if args.chat and args.mode != "text":
+        raise GenerationInputError("--chat: answers are text (--mode text)")
     if args.requests:
         requests = read_requests(args.requests)
+        for request in requests:
+            request.chat = request.chat or args.chat
+            request.system = request.system if request.system is not None else args.system
     else:
-        requests = [Request(prompt=args.prompt, images=args.image, videos=args.video, mode=args.mode)]
+        requests = [Request(prompt=args.prompt, images=args.image, videos=args.video, mode=args.mode,
+                            chat=args.chat, system=args.system)]
     for request in requests:
         check_media_files(request)
     if any(r.mode == "image" for r in requests) and not args.decoder:
@@ -139,10 +158,19 @@ def run(args) -> int:
     from emu_mc.inference.image import image_conditions
 
     text_settings, image_settings = settings_from(args)
-    requests = collect_requests(args)
+    interactive = args.chat and args.prompt is None and args.requests is None
+    if interactive:
+        conversation = Request(images=args.image, videos=args.video, chat=True, system=args.system)
+        check_media_files(conversation)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise GenerationInputError("--chat on stdin runs in one process (no torchrun)")
+    else:
+        requests = collect_requests(args)
     device = None if args.device == "auto" else torch.device(args.device)
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     emu = load_emu(args.checkpoint, tokenizer=args.tokenizer, device=device, dtype=dtype)
+    if interactive:
+        return converse(emu, conversation, text_settings, sys.stdin)
     decoder = None
     if any(r.mode == "image" for r in requests):
         decoder = VisualDecoder.load(args.decoder, emu.cfg.model.llm.hidden_size, device=emu.device,
@@ -180,6 +208,21 @@ def run(args) -> int:
         with open(args.out, "w") as f:
             f.writelines(json.dumps(record) + "\n" for record in records)
         print(f"wrote {args.out}")
+    return 0
+
+
+def converse(emu, conversation: Request, settings: TextSettings, lines) -> int:
+    """Each line of `lines` is the user's next turn; the answer is printed and kept in the history."""
+    from emu_mc.inference import generate_text
+
+    print("chat: one message per line, Ctrl-D ends", file=sys.stderr)
+    for line in lines:
+        if not line.strip():
+            continue
+        conversation.prompt = line.strip()
+        answer = generate_text(emu, [conversation], settings)[0].text.strip()
+        print(f"assistant: {answer}", flush=True)
+        conversation.history.append((conversation.prompt, answer))
     return 0
 
 

@@ -93,7 +93,7 @@ def train(cfg: Config) -> dict:
              torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)")
     log.info("accelerators: %s", "; ".join(f"{name}: {how}" for name, how in
                                             accelerators.report(cfg.model.llm.attention_impl).items()))
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.chat_tokens)
     model_chunks, optimizer = build_model_and_optimizer(cfg, special_token_ids(tokenizer), len(tokenizer))
     loader = build_data_loader(cfg, tokenizer, dp_rank=parallel_state.get_data_parallel_rank(),
                                dp_size=parallel_state.get_data_parallel_world_size())

@@ -1,6 +1,8 @@
 """Tokenizer: any local HF tokenizer plus Emu's special tokens; no downloads.
 
 One image in text is `[IMG]` + num_queries x `<image>` + `[/IMG]` (docs/model.md, "Special tokens").
+With `chat_tokens` (model.chat_tokens), Emu-I's turn tokens `[USER]` and `[ASSISTANT]` are added last,
+the release's order (docs/chat_data.md); a tokenizer that already has them keeps their ids.
 `load_tokenizer("tiny")` loads the small byte-level BPE shipped in emu_mc/assets/tiny_tokenizer
 (rebuild it with `python -m emu_mc.tokenizer --build-tiny`); any other value is a local directory
 in HF format (e.g. a LLaMA checkpoint's tokenizer files).
@@ -8,8 +10,10 @@ in HF format (e.g. a LLaMA checkpoint's tokenizer files).
 import argparse
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 IMG_BEGIN, IMG_END, IMG_SLOT = "[IMG]", "[/IMG]", "<image>"
+USER, ASSISTANT = "[USER]", "[ASSISTANT]"
 TINY_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "assets", "tiny_tokenizer")
 
 # Text the tiny tokenizer's merges are learned from: captions and prose like the sample data's.
@@ -42,6 +46,8 @@ class SpecialTokenIds:
     img_begin: int
     img_end: int
     img_slot: int
+    user: Optional[int] = None  # [USER], None when the tokenizer has no chat tokens
+    assistant: Optional[int] = None  # [ASSISTANT]
 
 
 def build_tiny_tokenizer(out_dir: str = TINY_TOKENIZER_DIR, vocab_size: int = 512) -> None:
@@ -71,8 +77,9 @@ def tokenizer_dir(path: str) -> str:
     return directory
 
 
-def load_tokenizer(path: str = "tiny"):
-    """Load a local HF tokenizer and add `[IMG]`, `[/IMG]`, `<image>` (and a pad token if it has none)."""
+def load_tokenizer(path: str = "tiny", chat_tokens: bool = False):
+    """Load a local HF tokenizer and add `[IMG]`, `[/IMG]`, `<image>` (and a pad token if it has none),
+    then, with `chat_tokens`, `[USER]` and `[ASSISTANT]`."""
     from transformers import AutoTokenizer
 
     directory = tokenizer_dir(path)
@@ -80,6 +87,8 @@ def load_tokenizer(path: str = "tiny"):
     tok.add_special_tokens({"additional_special_tokens": [IMG_BEGIN, IMG_END, IMG_SLOT]})
     if tok.pad_token is None:
         tok.add_special_tokens({"pad_token": "<pad>"})
+    if chat_tokens:
+        tok.add_tokens([USER, ASSISTANT], special_tokens=True)  # after the others: earlier ids never move
     if tok.bos_token is None or tok.eos_token is None:
         raise ValueError(f"tokenizer at {directory} needs bos and eos tokens")
     return tok
@@ -87,9 +96,11 @@ def load_tokenizer(path: str = "tiny"):
 
 def special_token_ids(tok) -> SpecialTokenIds:
     ids = tok.convert_tokens_to_ids
+    added = tok.get_added_vocab()
     return SpecialTokenIds(
         bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id,
         img_begin=ids(IMG_BEGIN), img_end=ids(IMG_END), img_slot=ids(IMG_SLOT),
+        user=added.get(USER), assistant=added.get(ASSISTANT),
     )
 
 

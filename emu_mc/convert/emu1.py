@@ -213,6 +213,7 @@ def emu1_to_emu(emu1_file: str, out_dir: str, tokenizer_dir: str, *, instruct: b
                   **{"resampler." + k: v for k, v in resampler.items()}, "regress_head.weight": regress_head}
     tok = release_tokenizer(tokenizer_dir, instruct, vocab)
     model_cfg.tokenizer = os.path.abspath(os.path.join(out_dir, TOKENIZER_DIR))
+    model_cfg.chat_tokens = instruct  # Emu-I's tokenizer has [USER] / [ASSISTANT] (32004, 32005)
     os.makedirs(out_dir, exist_ok=True)
     # Build a throwaway model to check every name and shape against what init_from loads.
     _check_against_model(model_cfg, vision, components)

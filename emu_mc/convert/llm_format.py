@@ -20,6 +20,8 @@ import json
 import os
 from typing import Dict, List, Tuple
 
+import torch
+
 from emu_mc.config import LLMConfig
 from emu_mc.convert.errors import ConversionError, check_keys, check_shape
 from emu_mc.convert.tensor_files import StateDict, read_tensor_file, write_safetensors
@@ -112,3 +114,15 @@ def read_llm_checkpoint(directory: str) -> Tuple[StateDict, LLMConfig, int]:
     check_llm_state(state, cfg, vocab_size, path)
     return state, cfg, vocab_size
 
+
+def add_vocab_rows(state: StateDict, vocab_size: int) -> StateDict:
+    """`state` (full LLM state dict) with its embedding and output layer grown to `vocab_size` rows, each
+    new row the mean of the existing rows (computed in fp32), as the release initialises its added
+    special tokens (modeling_llama.py smart_tokenizer_and_embedding_resize). [V, H] -> [vocab_size, H]."""
+    grown = dict(state)
+    for name in (EMBEDDING, OUTPUT):
+        rows = state.get(name)
+        if rows is not None and rows.shape[0] < vocab_size:
+            mean = rows.float().mean(dim=0, keepdim=True).to(rows.dtype)
+            grown[name] = torch.cat([rows, mean.expand(vocab_size - rows.shape[0], -1)])
+    return grown

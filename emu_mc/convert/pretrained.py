@@ -9,7 +9,7 @@ import torch
 
 from emu_mc.config import ModelConfig
 from emu_mc.convert.errors import ConversionError, check_keys, check_shape
-from emu_mc.convert.llm_format import EMBEDDING, OUTPUT, arch_mismatches, read_llm_checkpoint, read_llm_meta
+from emu_mc.convert.llm_format import add_vocab_rows, arch_mismatches, read_llm_checkpoint, read_llm_meta
 from emu_mc.convert.model_format import load_whole_model, model_mismatches, read_model_meta
 from emu_mc.convert.shard import load_llm_state
 from emu_mc.convert.tensor_files import StateDict, read_tensor_file
@@ -26,19 +26,6 @@ def load_vision_state(vision_model: torch.nn.Module, state: StateDict) -> None:
     for name, tensor in expected.items():
         check_shape(name, tensor.shape, state[name].shape, " in vision state dict")
     vision_model.load_state_dict(state)
-
-
-def add_vocab_rows(state: StateDict, vocab_size: int) -> StateDict:
-    """`state` (full LLM state dict) with its embedding and output layer grown to `vocab_size` rows, each
-    new row the mean of the existing rows (computed in fp32), as the release initialises its added
-    special tokens (modeling_llama.py smart_tokenizer_and_embedding_resize). [V, H] -> [vocab_size, H]."""
-    grown = dict(state)
-    for name in (EMBEDDING, OUTPUT):
-        rows = state.get(name)
-        if rows is not None and rows.shape[0] < vocab_size:
-            mean = rows.float().mean(dim=0, keepdim=True).to(rows.dtype)
-            grown[name] = torch.cat([rows, mean.expand(vocab_size - rows.shape[0], -1)])
-    return grown
 
 
 def check_init_from(model_cfg: ModelConfig) -> None:

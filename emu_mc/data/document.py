@@ -4,14 +4,20 @@ Over-long documents are truncated to `seq_length` tokens (eos kept) at a point t
 image block: text is cut at the token, an image (or a video frame) that does not fit whole is left
 out together with everything after it; or, with `overlong="skip"`, rejected (reason too_long).
 Only images that are kept are decoded.
+
+A `chat` sample (emu_mc/data/chat.py) is rendered with the Emu-I template and carries a loss mask: only
+the assistant's answers and the `</s>` ending each are targets. An over-long chat keeps its first
+exchanges that fit whole (none fit, or `overlong="skip"`: too_long); any image or video that does not
+decode skips the sample.
 """
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from emu_mc.data.chat import Answer, Piece, Role, parse_chat, render
 from emu_mc.data.errors import CORRUPT_IMAGE, EMPTY_DOCUMENT, MISSING_KEY, TOO_LONG, SampleError
 from emu_mc.data.sources import DROPS_BAD_IMAGES, PARSERS, Image, Segment, Text, Video
 from emu_mc.tokenizer import SpecialTokenIds, image_placeholder_ids
@@ -24,12 +30,16 @@ class Document:
     truncated: bool = False
     dropped_images: Counter = field(default_factory=Counter)  # reason -> images left out
     decode_paths: Counter = field(default_factory=Counter)  # e.g. "image:pil" -> count
+    # Per token: True = a training target (predicted from the token before it); None = every token.
+    loss_mask: Optional[List[bool]] = None
 
 
-def make_encoder(tokenizer, ids: SpecialTokenIds) -> Callable[[str], List[int]]:
+def make_encoder(tokenizer, ids: SpecialTokenIds, keep_turn_tokens: bool = False) -> Callable[[str], List[int]]:
     """A thread-safe text -> token ids function (no bos/eos; special ids filtered out, so a caption
-    that spells "[IMG]" cannot forge an image block)."""
-    banned = {ids.bos, ids.eos, ids.pad, ids.img_begin, ids.img_end, ids.img_slot}
+    that spells "[IMG]" cannot forge an image block, nor "[USER]" a chat turn unless
+    `keep_turn_tokens`: a plain generation prompt may spell the chat template, as the release's do)."""
+    turns = set() if keep_turn_tokens else {ids.user, ids.assistant}
+    banned = ({ids.bos, ids.eos, ids.pad, ids.img_begin, ids.img_end, ids.img_slot} | turns) - {None}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         from tokenizers import Tokenizer
@@ -64,6 +74,8 @@ class DocumentBuilder:
         self.space = encode(" ")
 
     def __call__(self, kind: str, files: Dict[str, bytes]) -> Document:
+        if kind == "chat":
+            return self.build_chat(render(parse_chat(files)))
         segments = PARSERS[kind](files)
         return self.build(segments, drop_bad_images=DROPS_BAD_IMAGES[kind])
 
@@ -163,3 +175,77 @@ class DocumentBuilder:
             tokens.append(self.ids.eos)
         stacked = torch.cat(images) if images else torch.zeros(0, 3, self.decoder.size, self.decoder.size)
         return Document(tokens, stacked, truncated, dropped, paths)
+
+    # -- chat
+    def _chat_items(self, pieces: List[Piece]) -> List[Tuple[str, object, bool]]:
+        """Pieces -> [(kind, token ids | Image | Video, is a target)]; adjacent texts are encoded together."""
+        role_ids = {"user": self.ids.user, "assistant": self.ids.assistant}
+        if None in role_ids.values():
+            raise ValueError("the tokenizer has no [USER] / [ASSISTANT] tokens (set model.chat_tokens: true)")
+        items: List[Tuple[str, object, bool]] = []
+        text = ""
+        for piece in pieces + [None]:
+            if isinstance(piece, Text):
+                text += piece.text
+                continue
+            if text:
+                items.append(("text", self.encode(text), False))
+                text = ""
+            if isinstance(piece, Role):
+                items.append(("text", [role_ids[piece.name]], False))
+            elif isinstance(piece, Answer):
+                items.append(("text", self.encode(piece.text) + [self.ids.eos], True))
+            elif isinstance(piece, Image):
+                items.append(("image", piece, False))
+            elif isinstance(piece, Video):
+                items.append(("video", piece, False))
+        return items
+
+    def _decode_chat_media(self, items: List[Tuple[str, object, bool]], paths: Counter) -> Dict[int, torch.Tensor]:
+        """Pixels [n, 3, S, S] of every image (n = 1) and video (n = frames) item; SampleError on a bad one."""
+        todo = [i for i, (kind, _, _) in enumerate(items) if kind == "image"]
+        results, used = self.decoder.images([items[i][1].data for i in todo]) if todo else ([], Counter())
+        paths.update(used)
+        pixels: Dict[int, torch.Tensor] = {}
+        for i, result in zip(todo, results):
+            if not isinstance(result, torch.Tensor):
+                raise SampleError(result.reason, f"image {items[i][1].name}: {result.message}")
+            pixels[i] = result[None]
+        for i, (kind, video, _) in enumerate(items):
+            if kind == "video":
+                try:
+                    pixels[i], path = self.decoder.video(video.data, self.frames)
+                except SampleError as e:
+                    raise SampleError(e.reason, f"video {video.name}: {e.message}") from None
+                paths[path] += 1
+        return pixels
+
+    def build_chat(self, exchanges: List[List[Piece]]) -> Document:
+        """Rendered exchanges (emu_mc.data.chat.render; a generation prompt's last one is open) ->
+        Document with its loss mask. The first exchanges that fit in seq_length tokens are kept."""
+        block = len(self.block)
+        size = {"text": len, "image": lambda _: block, "video": lambda _: block * self.frames}
+        items: List[Tuple[str, object, bool]] = []
+        budget, kept = self.seq_length - 1, 0
+        for pieces in exchanges:
+            these = self._chat_items(pieces)
+            need = sum(size[kind](what) for kind, what, _ in these)
+            if need > budget:
+                break
+            items += these
+            budget -= need
+            kept += 1
+        if kept == 0 or (kept < len(exchanges) and self.overlong == "skip"):
+            raise SampleError(TOO_LONG, f"{'the conversation' if kept else 'its first exchange'} does not fit "
+                                        f"in {self.seq_length} tokens")
+        paths: Counter = Counter()
+        pixels = self._decode_chat_media(items, paths)
+        tokens, mask, images = [self.ids.bos], [False], []
+        for i, (kind, what, target) in enumerate(items):
+            ids = what if kind == "text" else self.block * pixels[i].shape[0]
+            tokens += ids
+            mask += [target] * len(ids)
+            if kind != "text":
+                images.append(pixels[i])
+        stacked = torch.cat(images) if images else torch.zeros(0, 3, self.decoder.size, self.decoder.size)
+        return Document(tokens, stacked, kept < len(exchanges), Counter(), paths, loss_mask=mask)

@@ -4,6 +4,8 @@
     python -m emu_mc.data.make_shards clips/ out/webvid-%06d.tar            # video_text
     python -m emu_mc.data.make_shards docs.jsonl out/mmc4-%06d.tar          # interleaved
     python -m emu_mc.data.make_shards boards.jsonl out/storyboard-%06d.tar  # video_interleaved
+    python -m emu_mc.data.make_shards llava_instruct.json out/chat-%06d.tar --format llava --image-root coco/
+    python -m emu_mc.data.make_shards sharegpt.jsonl out/chat-%06d.tar --format sharegpt   # chat
 
 A folder: every image (jpg|jpeg|png|webp) or video (mp4|webm|mkv|mov|avi) with a sidecar caption
 `<name>.txt` becomes one sample (files without a caption are skipped with a warning); a folder must
@@ -11,6 +13,12 @@ hold images or videos, not both. A jsonl: one document per line, paths relative 
   interleaved:       {"text_list": [str, ...], "images": [{"path": str, "matched_text_index": int}, ...]}
   video_interleaved: {"frames": [{"path": str, "time": float}, ...],
                       "subtitles": [{"text": str, "start": float, "end": float}, ...]}
+Chat (--format llava | sharegpt, or auto: a .json list, or a .jsonl whose first record has
+`conversations` / `messages`): LLaVA-Instruct / ShareGPT records (emu_mc/data/chat.py, docs/chat_data.md)
+  {"image": str | [str], "video": str | [str], "system": str,  (optional)
+   "conversations": [{"from": "human" | "gpt", "value": "<image>\nWhat is ...?"}, ...]}
+whose media paths are relative to --image-root (default: the file's folder). The turns are checked
+when the loader reads them (bad ones are skipped and counted there), the media files here.
 Samples go to consecutive shards of at most --max-samples each; files are stored as they are
 (no re-encoding) with mtime 0, so the same input gives byte-identical shards. Bad input (a missing
 or undecodable image, a jsonl line that is not JSON or lacks a field) stops with one line naming the
@@ -24,6 +32,8 @@ import os
 import sys
 from typing import Any, Dict, Iterator, List, Tuple
 
+from emu_mc.data.chat import media_list
+from emu_mc.data.errors import SampleError
 from emu_mc.data.sources import IMAGE_EXTS, VIDEO_EXTS
 
 log = logging.getLogger("emu_mc.data")
@@ -127,9 +137,48 @@ def _number(doc: dict, name: str, where: str) -> float:
     return float(doc[name])
 
 
-def jsonl_samples(path: str) -> Tuple[str, Iterator[Sample]]:
-    """(kind, samples) for a jsonl of interleaved or storyboard documents (one kind per file, set by
-    the first document: text_list -> interleaved, frames -> video_interleaved)."""
+def chat_sample(key: str, record: dict, root: str, where: str) -> Sample:
+    """A LLaVA / ShareGPT record -> json (the record, its media renamed to the members) + {j}.ext
+    images + video{j}.ext videos."""
+    if not isinstance(record.get("conversations", record.get("messages")), list):
+        raise ShardInputError(f"{where}: needs a `conversations` (or `messages`) list")
+    sample: Sample = {"__key__": key}
+    meta = {k: v for k, v in record.items() if k not in ("image", "video")}
+    for field_name, prefix, listed in (("image", "", "images"), ("video", "video", "videos")):
+        try:
+            paths = media_list(record, field_name)
+        except SampleError as e:
+            raise ShardInputError(f"{where}: {e.message}") from None
+        meta[listed] = [f"{prefix}{j}.{_ext(p)}" for j, p in enumerate(paths)]
+        for name, path in zip(meta[listed], paths):
+            sample[name] = _read(os.path.join(root, path), f"{where}: {field_name} {path}")
+    sample["json"] = json.dumps(meta).encode()
+    return sample
+
+
+def chat_samples(path: str, image_root: str = "") -> Tuple[str, Iterator[Sample]]:
+    """("chat", samples) for a .json list or a .jsonl of chat records."""
+    if path.endswith(".json"):
+        try:
+            with open(path) as f:
+                records = json.load(f)
+        except OSError as e:
+            raise ShardInputError(f"{path}: cannot read ({e.strerror or e})") from None
+        except json.JSONDecodeError as e:
+            raise ShardInputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ShardInputError(f"{path}: expected a JSON list of records (LLaVA-Instruct / ShareGPT layout)")
+        numbered = [(f"record {i}", r) for i, r in enumerate(records)]
+    else:
+        numbered = [(f"line {n}", r) for n, r in _jsonl_records(path)]
+    if not numbered:
+        raise ShardInputError(f"{path}: no records")
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    return "chat", (chat_sample(f"{i:06d}", r, root, f"{path} {at}") for i, (at, r) in enumerate(numbered))
+
+
+def _jsonl_records(path: str) -> List[Tuple[int, dict]]:
+    """[(line number, object)] of a jsonl file; ShardInputError for a line that is not a JSON object."""
     try:
         with open(path) as f:
             lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
@@ -144,6 +193,13 @@ def jsonl_samples(path: str) -> Tuple[str, Iterator[Sample]]:
         if not isinstance(doc, dict):
             raise ShardInputError(f"{path} line {n}: expected a JSON object, got {type(doc).__name__}")
         docs.append((n, doc))
+    return docs
+
+
+def jsonl_samples(path: str) -> Tuple[str, Iterator[Sample]]:
+    """(kind, samples) for a jsonl of interleaved or storyboard documents (one kind per file, set by
+    the first document: text_list -> interleaved, frames -> video_interleaved)."""
+    docs = _jsonl_records(path)
     if not docs:
         raise ShardInputError(f"{path}: no documents")
     first = docs[0][1]
@@ -154,6 +210,19 @@ def jsonl_samples(path: str) -> Tuple[str, Iterator[Sample]]:
     make = interleaved_sample if kind == "interleaved" else storyboard_sample
     root = os.path.dirname(os.path.abspath(path))
     return kind, (make(f"{i:06d}", doc, root, f"{path} line {n}") for i, (n, doc) in enumerate(docs))
+
+
+def _holds_chat(path: str) -> bool:
+    """A .json file, or a .jsonl whose first record has `conversations` or `messages`."""
+    if path.endswith(".json"):
+        return True
+    try:
+        with open(path) as f:
+            first = next((line for line in f if line.strip()), "")
+        record = json.loads(first)
+    except (OSError, ValueError):
+        return False  # jsonl_samples names the problem
+    return isinstance(record, dict) and ("conversations" in record or "messages" in record)
 
 
 def write_shards(samples: Iterator[Sample], pattern: str, max_samples: int) -> List[str]:
@@ -193,10 +262,20 @@ def main(argv=None) -> List[str]:
     parser.add_argument("source", help="a folder of captioned images/videos, or a .jsonl of documents")
     parser.add_argument("out", help="output pattern with one %%d field, e.g. out/laion-%%06d.tar")
     parser.add_argument("--max-samples", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--format", choices=["auto", "llava", "sharegpt"], default="auto",
+                        help="llava / sharegpt: a .json list or .jsonl of chat records (both read the same "
+                             "way) -> chat shards; auto: by the folder / file and its first record")
+    parser.add_argument("--image-root", default="", help="chat records' media paths are relative to this "
+                                                         "folder (default: the file's folder)")
     args = parser.parse_args(argv)
     if "%" not in args.out:
         parser.error("out needs a %d field (e.g. out/laion-%06d.tar)")
-    kind, samples = folder_samples(args.source) if os.path.isdir(args.source) else jsonl_samples(args.source)
+    if os.path.isdir(args.source):
+        kind, samples = folder_samples(args.source)
+    elif args.format != "auto" or _holds_chat(args.source):
+        kind, samples = chat_samples(args.source, args.image_root)
+    else:
+        kind, samples = jsonl_samples(args.source)
     paths = write_shards(samples, args.out, args.max_samples)
     print(f"{kind}: wrote {len(paths)} shard(s): {', '.join(paths)}")
     return paths

@@ -4,7 +4,8 @@ Documents go into the current row while they fit; one that does not fit starts t
 that does not fit the last row is carried over to start the next batch. Documents are never split
 (the builder already truncated each to seq_length), so an image block is never cut. Each document
 gets position ids 0..len-1 and its index in the row as segment id; padding gets pad id, position 0
-and segment -1.
+and segment -1. When a document carries a loss mask (chat), the batch gets `loss_mask`: that mask on
+its tokens, True on every token of the other documents, False on padding.
 """
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -22,6 +23,8 @@ def assemble_batch(rows: List[List[Document]], seq_length: int, pad_id: int, ima
     position_ids = torch.zeros((b, seq_length), dtype=torch.long)
     segment_ids = torch.full((b, seq_length), -1, dtype=torch.long)
     images = []
+    masked = any(doc.loss_mask is not None for docs in rows for doc in docs)
+    loss_mask = torch.zeros((b, seq_length), dtype=torch.bool) if masked else None
     for r, docs in enumerate(rows):
         at = 0
         for d, doc in enumerate(docs):
@@ -31,11 +34,14 @@ def assemble_batch(rows: List[List[Document]], seq_length: int, pad_id: int, ima
             input_ids[r, at:at + n] = torch.tensor(doc.tokens, dtype=torch.long)
             position_ids[r, at:at + n] = torch.arange(n)
             segment_ids[r, at:at + n] = d
+            if masked:
+                loss_mask[r, at:at + n] = True if doc.loss_mask is None else torch.tensor(doc.loss_mask)
             at += n
             if doc.images.shape[0]:
                 images.append(doc.images)
     stacked = torch.cat(images) if images else torch.zeros(0, 3, image_size, image_size)
-    return Batch(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids, images=stacked)
+    return Batch(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids, images=stacked,
+                 loss_mask=loss_mask)
 
 
 class Packer:

@@ -19,6 +19,8 @@ video_interleaved (YT-Storyboard style)
     "subtitle_timestamps": [[start_0, end_0], ...]} (seconds; a bare number is a start time).
     Frames and subtitles are sorted by time (a frame goes before a subtitle starting at the same
     time); adjacent subtitles are merged into one text (repeats of the same line dropped).
+
+Chat samples (instruction tuning) are read by emu_mc/data/chat.py.
 """
 import base64
 import binascii

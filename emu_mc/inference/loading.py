@@ -94,7 +94,7 @@ def _load_model_dir(path: str, *, tokenizer: Optional[str], device: Optional[tor
         model_cfg.init_from = path
         model_cfg.tokenizer = tokenizer or os.path.join(path, TOKENIZER_DIR)
         cfg = Config(model=model_cfg)
-        tok = load_tokenizer(model_cfg.tokenizer)
+        tok = load_tokenizer(model_cfg.tokenizer, model_cfg.chat_tokens)
         tp = int(os.environ.get("WORLD_SIZE", "1"))
         init_distributed(tp, 1, seed=cfg.train.seed)
         saved_dtype = getattr(torch, meta.get("dtype", "float32"))

@@ -4,8 +4,9 @@
 Each step: logits of the newest position -> processors (repetition penalty, suppressed tokens, end of
 sequence held back before min_new_tokens) -> the strategy picks the next token of every row (and, for
 beams, which row each continues) -> the session reorders its rows and feeds the new tokens.
-Never generated in text: bos, pad and the image tokens [IMG], <image>, [/IMG] (they are never text
-targets in training, docs/model.md, "The objective, position by position").
+Never generated in text: bos, pad, the image tokens [IMG], <image>, [/IMG] and the chat turn tokens
+[USER], [ASSISTANT] (they are never text targets in training, docs/model.md, "The objective, position
+by position"; docs/chat_data.md). A chat answer ends at </s>, the end of the assistant's turn.
 
 Shapes: B requests, K beams, N = B x K rows, V vocabulary.
 """
@@ -30,7 +31,8 @@ class TextResult:
 
 
 def suppressed_ids(ids: SpecialTokenIds) -> List[int]:
-    return [ids.bos, ids.pad, ids.img_begin, ids.img_slot, ids.img_end]
+    return [i for i in (ids.bos, ids.pad, ids.img_begin, ids.img_slot, ids.img_end, ids.user, ids.assistant)
+            if i is not None]
 
 
 def process_logits(logits: torch.Tensor, seen: torch.Tensor, step: int, settings: TextSettings,

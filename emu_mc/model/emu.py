@@ -166,7 +166,7 @@ class EmuModel(MegatronModule):
 
     def regression_index(self, batch: Batch) -> torch.Tensor:
         """reg_index [R]: the regression positions as s-major flat rows (s * B + b)."""
-        return regression_mask(batch.input_ids, self.ids).t().reshape(-1).nonzero().squeeze(1)
+        return regression_mask(batch.input_ids, self.ids, batch.loss_mask).t().reshape(-1).nonzero().squeeze(1)
 
     def regression_targets(self, decoder_input: torch.Tensor, batch: Batch):
         """(reg_index [R] into s-major flat rows, reg_targets [R, H] detached input embeddings of p+1)."""
@@ -185,7 +185,7 @@ class EmuModel(MegatronModule):
         over TP; the loss sums the regression head's gradient over the ranks itself. Values and
         gradients equal the TP=1 ones.
         """
-        targets = text_targets(batch.input_ids, batch.segment_ids, self.ids).t().reshape(-1)
+        targets = text_targets(batch.input_ids, batch.segment_ids, self.ids, batch.loss_mask).t().reshape(-1)
         tp_group = None
         flat = hidden.reshape(-1, hidden.shape[-1])
         if self.tp_size > 1:

@@ -4,7 +4,12 @@ Text: position p predicts token p+1 unless that token is pad, [IMG], <image> or 
 another document (segment) or p is the last position -> IGNORE_INDEX.
 Regression: positions whose token is [IMG] or <image> predict the input embedding of position p+1
 (the next <image> slot's visual embedding; for the last slot, the [/IMG] token embedding).
+With a loss mask (chat batches, emu_mc/batch.py) both count only where token p+1 has mask True: the
+assistant's answers and their </s> in a chat document (its images are inputs: no regression), every
+token of a pretraining document.
 """
+from typing import Optional
+
 import torch
 
 from emu_mc.tokenizer import SpecialTokenIds
@@ -12,8 +17,17 @@ from emu_mc.tokenizer import SpecialTokenIds
 IGNORE_INDEX = -100
 
 
-def text_targets(input_ids: torch.Tensor, segment_ids: torch.Tensor, ids: SpecialTokenIds) -> torch.Tensor:
-    """input_ids, segment_ids [B, S] long -> next-token targets [B, S] long, IGNORE_INDEX where none."""
+def _next_masked(loss_mask: torch.Tensor) -> torch.Tensor:
+    """loss_mask [B, S] bool -> [B, S] bool: position p's next token is not a target (last column True)."""
+    out = torch.ones_like(loss_mask)
+    out[:, :-1] = ~loss_mask[:, 1:]
+    return out
+
+
+def text_targets(input_ids: torch.Tensor, segment_ids: torch.Tensor, ids: SpecialTokenIds,
+                 loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """input_ids, segment_ids [B, S] long (loss_mask [B, S] bool or None) -> next-token targets [B, S]
+    long, IGNORE_INDEX where none."""
     nxt = torch.full_like(input_ids, IGNORE_INDEX)
     nxt[:, :-1] = input_ids[:, 1:]
     no_text = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -21,12 +35,17 @@ def text_targets(input_ids: torch.Tensor, segment_ids: torch.Tensor, ids: Specia
         no_text |= nxt == special
     same_doc = torch.zeros_like(no_text)
     same_doc[:, :-1] = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] >= 0)
+    if loss_mask is not None:
+        no_text |= _next_masked(loss_mask)
     return nxt.masked_fill(no_text | ~same_doc, IGNORE_INDEX)
 
 
-def regression_mask(input_ids: torch.Tensor, ids: SpecialTokenIds) -> torch.Tensor:
-    """[B, S] bool: positions whose token is [IMG] or <image> (num_queries + 1 per image)."""
-    return (input_ids == ids.img_begin) | (input_ids == ids.img_slot)
+def regression_mask(input_ids: torch.Tensor, ids: SpecialTokenIds, loss_mask: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
+    """[B, S] bool: positions whose token is [IMG] or <image> (num_queries + 1 per image), those whose
+    next token is masked out excluded."""
+    mask = (input_ids == ids.img_begin) | (input_ids == ids.img_slot)
+    return mask if loss_mask is None else mask & ~_next_masked(loss_mask)
 
 
 def check_image_blocks(input_ids: torch.Tensor, num_images: int, num_queries: int, ids: SpecialTokenIds) -> None:

@@ -213,6 +213,7 @@ def test_instruct_lora_merge_equals_base_plus_lora(release, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
     from emu_mc.convert.llm_format import read_llm_checkpoint
+    from emu_mc.convert.model_format import read_model_meta
 
     state, _, llama, tok_dir, _ = release
     peft, lora = instruct_state(state)
@@ -222,6 +223,8 @@ def test_instruct_lora_merge_equals_base_plus_lora(release, tmp_path, capsys):
                  "--instruct", *HEAD_DIMS]) == 0
     ids = special_token_ids(load_tokenizer(str(out / "tokenizer")))
     assert ids.pad == BASE_VOCAB and ids.img_slot == BASE_VOCAB + 3
+    assert (ids.user, ids.assistant) == (BASE_VOCAB + 4, BASE_VOCAB + 5)  # chat data and --chat use these
+    assert read_model_meta(str(out))[0].chat_tokens
 
     base = LlamaForCausalLM(llama.config.__class__(**{**llama.config.to_dict(), "vocab_size": BASE_VOCAB + 6})).eval()
     prefix = "decoder.lm.base_model.model."
