@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from emu_mc.config import ConfigError
+from emu_mc.config_docs import HelpConfigAction
 from emu_mc.decoder.config import DecoderJobConfig, decoder_config_to_dict, load_decoder_config
 from emu_mc.decoder.parallel import clip_grad_norm, full_tensor, wrap_unet
 from emu_mc.pretrain import setup_logging
@@ -294,9 +295,11 @@ def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
 def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", 0))
     parser = argparse.ArgumentParser(description="Train Emu's visual decoder (stage 2).",
-                                     epilog="Any config field can be overridden: --train.steps 2 --decoder.init DIR")
+                                     epilog="Any config field can be overridden: --train.steps 2 --decoder.init DIR; "
+                                            "--help-config lists them all (docs/config.md)")
     parser.add_argument("--config", required=True, help="YAML decoder job config (see configs/decoder_*.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--help-config", action=HelpConfigAction, const=DecoderJobConfig)
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_decoder_config(args.config, overrides)

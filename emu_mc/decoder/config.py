@@ -43,7 +43,7 @@ class UNetConfig:
 class DecoderDataConfig:
     """Image-text WebDataset shards (the image_text layout of emu_mc/data/sources.py)."""
 
-    sources: List[SourceConfig] = field(default_factory=list)
+    sources: List[SourceConfig] = field(default_factory=list)  # image_text sources only, as pretraining's
     # A directory from `python -m emu_mc.decoder.precompute`: train on its conditions and VAE posteriors
     # (no Emu, no VAE in the loop); data.sources and emu.checkpoint are then unused. "" = online.
     precomputed: str = ""
