@@ -168,15 +168,18 @@ class DecoderRun:
         temporary name then renamed, and returns its path; the other ranks return None."""
         from diffusers import UNet2DConditionModel
 
-        weights = {name: full_tensor(t.detach()) for name, t in self.unet.state_dict().items()}
-        weights.update({name: full_tensor(t) for name, t in (self.ema or {}).items()})
-        if dist.get_rank() != 0:
+        rank, weights = dist.get_rank(), {}
+        for name, t in {**self.unet.state_dict(), **(self.ema or {})}.items():  # the EMA replaces the weights
+            whole = full_tensor(t.detach())  # under FSDP a gather on every rank, one tensor at a time
+            if rank == 0:
+                weights[name] = whole.cpu()
+        if rank != 0:
             return None
         final, tmp = os.path.join(out_dir, "decoder"), os.path.join(out_dir, "decoder.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(self.unet.config)
-        unet.load_state_dict({name: t.cpu() for name, t in weights.items()}, assign=True)
+        unet.load_state_dict(weights, assign=True)
         unet.save_pretrained(os.path.join(tmp, "unet"))
         for sub in ("vae", "scheduler"):
             shutil.copytree(os.path.join(self.cfg.decoder.init, sub), os.path.join(tmp, sub))
