@@ -219,6 +219,21 @@ def train(cfg: DecoderJobConfig) -> dict:
     return _train_loop(cfg, run, loader)
 
 
+def check_same_data(path: str, saved: dict, cfg: DecoderJobConfig) -> None:
+    """Refuse (ConfigError) to resume checkpoint `path` on other data: its data.precomputed directory, or
+    online, its data.sources, differ from this run's (`saved`: the checkpoint's config["data"])."""
+    def stream(data: dict) -> tuple:
+        if data.get("precomputed"):
+            return "data.precomputed", f"precomputed conditions in {data['precomputed']}"
+        sources = [(s["shards"], s["weight"]) for s in data["sources"]]
+        return "data.sources", f"online conditions from the shards {sources}"
+
+    (_, then), (field, now) = stream(saved), stream(decoder_config_to_dict(cfg)["data"])
+    if then != now:
+        raise ConfigError(f"{field}: {path} was trained on {then}, this run reads {now}. Resume with the "
+                          "checkpoint's data, or set another train.out_dir to start afresh")
+
+
 def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
     from emu_mc.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
     from emu_mc.decoder.state import copy_loaded, sharded
@@ -240,6 +255,7 @@ def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
         if meta.get("stage") != "decoder":
             raise ConfigError(f"train.out_dir: {latest} is not a decoder-training checkpoint; set another "
                               "train.out_dir")
+        check_same_data(latest, meta["config"]["data"], cfg)
         tensors = run.tensors()
         state, rank_state, meta = checkpointer.load(latest, sharded(tensors, rank), same_layout=meta["dp"] == world)
         copy_loaded(tensors, state)
