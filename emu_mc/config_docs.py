@@ -90,7 +90,8 @@ def _default(f: dataclasses.Field) -> str:
     return "[]" if value == [] else str(value)
 
 
-def sections(cls: type = Config, prefix: str = "", skip: Tuple[str, ...] = ()) -> Iterator[Tuple[str, str, List[FieldDoc]]]:
+def sections(cls: type = Config, prefix: str = "",
+             skip: Tuple[str, ...] = ()) -> Iterator[Tuple[str, str, List[FieldDoc]]]:
     """(section name, section docstring, its fields) for `cls` and, depth first, every nested section
     but those named in `skip`. A list of dataclasses (data.sources) is documented as its element, under
     `name.N`."""

@@ -136,7 +136,8 @@ class DecoderRun:
         cond, dropped = drop_conditions(cond, self.uncond, self.cfg.decoder.cond_drop_prob, generator)
         mean, std = (batch.mean, batch.std) if precomputed else vae_posterior(self.vae, batch.pixels.to(self.device))
         latents = sample_latents(mean.to(self.device), std.to(self.device), self.vae_scaling, generator)
-        return diffusion_loss(self.parallel_unet, self.noise_scheduler, latents, cond, generator, self.autocast), dropped
+        loss = diffusion_loss(self.parallel_unet, self.noise_scheduler, latents, cond, generator, self.autocast)
+        return loss, dropped
 
     def step(self, batch, lr: float) -> dict:
         """One optimizer step on this rank's batch -> {'loss' (mean over ranks), 'grad_norm', 'dropped',
@@ -222,14 +223,15 @@ def train(cfg: DecoderJobConfig) -> dict:
 def check_same_data(path: str, saved: dict, cfg: DecoderJobConfig) -> None:
     """Refuse (ConfigError) to resume checkpoint `path` on other data: its data.precomputed directory, or
     online, its data.sources, differ from this run's (`saved`: the checkpoint's config["data"])."""
-    def stream(data: dict) -> tuple:
+    def stream(data: dict) -> str:
         if data.get("precomputed"):
-            return "data.precomputed", f"precomputed conditions in {data['precomputed']}"
-        sources = [(s["shards"], s["weight"]) for s in data["sources"]]
-        return "data.sources", f"online conditions from the shards {sources}"
+            return f"precomputed conditions in {data['precomputed']}"
+        return f"online conditions from the shards {[(s['shards'], s['weight']) for s in data['sources']]}"
 
-    (_, then), (field, now) = stream(saved), stream(decoder_config_to_dict(cfg)["data"])
+    current = decoder_config_to_dict(cfg)["data"]
+    then, now = stream(saved), stream(current)
     if then != now:
+        field = "data.precomputed" if saved.get("precomputed") or current["precomputed"] else "data.sources"
         raise ConfigError(f"{field}: {path} was trained on {then}, this run reads {now}. Resume with the "
                           "checkpoint's data, or set another train.out_dir to start afresh")
 

@@ -23,7 +23,7 @@ import pytest
 from tests.torchrun_utils import REPO_ROOT, child_env
 
 README = REPO_ROOT / "README.md"
-MARKER = re.compile(r"<!-- commands: (?P<kind>cpu|skip)(?P<rest>.*?) -->\n```bash\n(?P<body>.*?)```", re.S)
+MARKER = re.compile(r"^<!-- commands: (?P<kind>cpu|skip)(?P<rest>[^\n]*?) -->\n```bash\n(?P<body>.*?)^```", re.S | re.M)
 COMMAND_SKIP = re.compile(r'skip "(?P<prefix>[^"]+)": (?P<reason>[^;]+)')
 
 
