@@ -1,8 +1,10 @@
-"""The config reference, generated from the dataclasses in emu_mc/config.py: every field's dotted
-name, type, default, allowed values and its comment there (the comment lines just above the field
-and the one at the end of its line), under its section's docstring.
+"""The config reference, generated from the dataclasses in emu_mc/config.py (pretraining) and
+emu_mc/decoder/config.py (decoder training): every field's dotted name, type, default, allowed values
+and its comment there (the comment lines just above the field and the one at the end of its line),
+under its section's docstring.
 
     python -m emu_mc.pretrain --help-config          # plain text, in the terminal
+    python -m emu_mc.train_decoder --help-config     # the decoder-training job's fields
     python -m emu_mc.config_docs > docs/config.md    # the committed reference (a test checks it is current)
 """
 import argparse
@@ -15,8 +17,10 @@ import tokenize
 import typing
 from typing import Any, Dict, Iterator, List, Literal, Tuple
 
-from emu_mc import config as config_module
 from emu_mc.config import Config
+
+# Sections of the decoder-training job that are pretraining's (emu_mc/decoder/config.py reuses them).
+SHARED_WITH_PRETRAINING = ("optim", "train")
 
 
 @dataclasses.dataclass
@@ -28,17 +32,18 @@ class FieldDoc:
     doc: str
 
 
-def _comments() -> Dict[int, str]:
-    """Line number -> the text of the comment on that line, over emu_mc/config.py."""
-    source = inspect.getsource(config_module)
+def _comments(module) -> Dict[int, str]:
+    """Line number -> the text of the comment on that line, over `module`'s source."""
+    source = inspect.getsource(module)
     return {tok.start[0]: tok.string.lstrip("#").strip()
             for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
 
 
-def _field_comments(cls: type, comments: Dict[int, str]) -> Dict[str, str]:
+def _field_comments(cls: type) -> Dict[str, str]:
     """Field name -> its comment block (lines directly above it, then the end-of-line comment)."""
-    lines = inspect.getsource(config_module).splitlines()
-    tree = ast.parse(inspect.getsource(config_module))
+    module = sys.modules[cls.__module__]
+    comments, source = _comments(module), inspect.getsource(module)
+    lines, tree = source.splitlines(), ast.parse(source)
     (node,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__]
     out = {}
     for stmt in node.body:
@@ -85,19 +90,21 @@ def _default(f: dataclasses.Field) -> str:
     return "[]" if value == [] else str(value)
 
 
-def sections(cls: type = Config, prefix: str = "") -> Iterator[Tuple[str, str, List[FieldDoc]]]:
-    """(section name, section docstring, its fields) for `cls` and, depth first, every nested section.
-    A list of dataclasses (data.sources) is documented as its element, under `name.N`."""
-    comments = _comments()
+def sections(cls: type = Config, prefix: str = "",
+             skip: Tuple[str, ...] = ()) -> Iterator[Tuple[str, str, List[FieldDoc]]]:
+    """(section name, section docstring, its fields) for `cls` and, depth first, every nested section
+    but those named in `skip`. A list of dataclasses (data.sources) is documented as its element, under
+    `name.N`."""
     hints = typing.get_type_hints(cls)
-    docs = _field_comments(cls, comments)
+    docs = _field_comments(cls)
     own: List[FieldDoc] = []
     nested = []
     for f in dataclasses.fields(cls):
         tp, name = hints[f.name], f"{prefix}{f.name}"
         element = typing.get_args(tp)[0] if typing.get_origin(tp) in (list, List) else None
         if dataclasses.is_dataclass(tp):
-            nested.append((tp, name + "."))
+            if name not in skip:
+                nested.append((tp, name + "."))
             continue
         kind, allowed = _type_name(tp)
         own.append(FieldDoc(name, kind, _default(f), allowed, docs.get(f.name, "")))
@@ -110,11 +117,11 @@ def sections(cls: type = Config, prefix: str = "") -> Iterator[Tuple[str, str, L
         yield from sections(tp, sub)
 
 
-def as_text() -> str:
-    """The reference for a terminal (--help-config)."""
+def as_text(root: type = Config) -> str:
+    """The reference of job config `root` for a terminal (--help-config)."""
     out = ["Every field can be set in the YAML or overridden with --dotted.name VALUE (list items by index: "
            "--data.sources.0.shards PATH)."]
-    for section, doc, fields in sections():
+    for section, doc, fields in sections(root):
         out += ["", f"[{section}]"] + ([f"  {line}" for line in doc.splitlines()] if doc else [])
         for f in fields:
             allowed = f" ({f.allowed})" if f.allowed else ""
@@ -130,14 +137,15 @@ def _cell(text: str) -> str:
 
 
 class HelpConfigAction(argparse.Action):
-    """`--help-config`: print the reference (as_text) and exit, like --help (no other flag needed)."""
+    """`--help-config`: print the reference (as_text) and exit, like --help (no other flag needed).
+    `const`: the job config class (default: pretraining's Config)."""
 
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+    def __init__(self, option_strings, dest, const=Config, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, const=const, default=argparse.SUPPRESS,
                          help="list every config field (type, default, allowed values, description) and exit")
 
     def __call__(self, parser, namespace, values, option_string=None):
-        sys.stdout.write(as_text())
+        sys.stdout.write(as_text(self.const))
         parser.exit()
 
 
@@ -151,7 +159,21 @@ def as_markdown() -> str:
            "`python -m emu_mc.pretrain --help-config` prints the same in the terminal.",
            "Relative paths (shards, tokenizer, init_from, out_dir) resolve against the working directory of",
            "the run, not against the config file."]
-    for section, doc, fields in sections():
+    out += _markdown_sections(sections())
+    from emu_mc.decoder.config import DecoderJobConfig
+
+    shared = ", ".join(f"`{name}`" for name in SHARED_WITH_PRETRAINING)
+    out += ["", "# Decoder training", "",
+            "The job config of `python -m emu_mc.train_decoder` (`emu_mc/decoder/config.py`,",
+            "`configs/decoder_*.yaml`; `python -m emu_mc.train_decoder --help-config`). Its sections",
+            f"{shared} are pretraining's, documented above."]
+    out += _markdown_sections(sections(DecoderJobConfig, skip=SHARED_WITH_PRETRAINING))
+    return "\n".join(out) + "\n"
+
+
+def _markdown_sections(docs: Iterator[Tuple[str, str, List[FieldDoc]]]) -> List[str]:
+    out = []
+    for section, doc, fields in docs:
         out += ["", f"## `{section}`", ""]
         if doc:
             out += [" ".join(doc.split()), ""]
@@ -159,7 +181,7 @@ def as_markdown() -> str:
         for f in fields:
             cells = [f"`{f.name}`", f.type, f"`{f.default}`", _cell(f.allowed), _cell(f.doc)]
             out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+    return out
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@
 Each step, on every data-parallel rank: a batch of image-text pairs; the frozen Emu computes each
 pair's condition by teacher forcing (emu_mc/decoder/condition.py); a share decoder.cond_drop_prob of
 them becomes generation's unconditional condition; the frozen VAE encodes the images; the UNet's
-noise-prediction loss (emu_mc/decoder/objective.py) is averaged over ranks (DDP), clipped, and AdamW
-steps with pretraining's warmup + cosine. The run machinery is pretraining's (emu_mc/pretrain.py):
+noise-prediction loss (emu_mc/decoder/objective.py) is averaged over ranks (DDP, or FSDP with
+decoder.parallel: fsdp; emu_mc/decoder/parallel.py), clipped, and AdamW steps with pretraining's warmup +
+cosine. The run machinery is pretraining's (emu_mc/pretrain.py):
 exit codes and one-line errors, SIGTERM / Ctrl-C checkpoint, atomic checkpoints with exact resume,
 progress bar, metrics.jsonl + TensorBoard, non-finite guard. At the end the UNet (its EMA when
 decoder.ema_decay > 0) is exported with the VAE and scheduler to <train.out_dir>/decoder, a directory
@@ -22,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a file under torchrun: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,7 +32,9 @@ import torch
 import torch.distributed as dist
 
 from emu_mc.config import ConfigError
+from emu_mc.config_docs import HelpConfigAction
 from emu_mc.decoder.config import DecoderJobConfig, decoder_config_to_dict, load_decoder_config
+from emu_mc.decoder.parallel import clip_grad_norm, full_tensor, wrap_unet
 from emu_mc.pretrain import setup_logging
 from emu_mc.profiling import maybe_profile
 from emu_mc.run_loop import (EXIT_CONFIG, RunLoop, all_reduce_sum, count_nonfinite, next_batches, report,
@@ -83,7 +87,7 @@ def check_local_paths(cfg: DecoderJobConfig) -> int:
 
 class DecoderRun:
     """The frozen Emu and VAE (online conditions) or the precomputed unconditional condition, the UNet
-    being trained (DDP over every rank), its optimizer and EMA."""
+    being trained (DDP or FSDP over every rank: decoder.parallel), its optimizer and EMA."""
 
     def __init__(self, cfg: DecoderJobConfig, device: torch.device, llm_width: int):
         from diffusers import DDPMScheduler
@@ -111,11 +115,7 @@ class DecoderRun:
         self.unet = decoder.unet.float().train()
         scheduler_config = DDPMScheduler.load_config(cfg.decoder.init, subfolder="scheduler", local_files_only=True)
         self.noise_scheduler = DDPMScheduler.from_config(scheduler_config, prediction_type=cfg.decoder.prediction_type)
-        self.ddp = self.unet
-        if dist.get_world_size() > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.ddp = DistributedDataParallel(self.unet, device_ids=[device.index] if device.type == "cuda" else None)
+        self.parallel_unet = wrap_unet(self.unet, cfg.decoder.parallel, device)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                            weight_decay=o.weight_decay)
@@ -136,7 +136,8 @@ class DecoderRun:
         cond, dropped = drop_conditions(cond, self.uncond, self.cfg.decoder.cond_drop_prob, generator)
         mean, std = (batch.mean, batch.std) if precomputed else vae_posterior(self.vae, batch.pixels.to(self.device))
         latents = sample_latents(mean.to(self.device), std.to(self.device), self.vae_scaling, generator)
-        return diffusion_loss(self.ddp, self.noise_scheduler, latents, cond, generator, self.autocast), dropped
+        loss = diffusion_loss(self.parallel_unet, self.noise_scheduler, latents, cond, generator, self.autocast)
+        return loss, dropped
 
     def step(self, batch, lr: float) -> dict:
         """One optimizer step on this rank's batch -> {'loss' (mean over ranks), 'grad_norm', 'dropped',
@@ -148,8 +149,7 @@ class DecoderRun:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.unet.parameters(), clip))
+        grad_norm = clip_grad_norm(self.unet.parameters(), self.cfg.optim.grad_clip or float("inf"))
         mean_loss = all_reduce_sum([float(loss.detach())], self.device)[0] / dist.get_world_size()
         skipped = not (torch.isfinite(torch.tensor([mean_loss, grad_norm])).all())
         if not skipped:
@@ -163,20 +163,25 @@ class DecoderRun:
 
         return decoder_tensors(self.unet, self.optimizer, self.ema)
 
-    def export(self, out_dir: str) -> str:
-        """Rank 0: the UNet (its EMA when kept), the VAE and decoder.init's scheduler (prediction_type set to
-        the trained one) as a diffusers directory, written under a temporary name and renamed."""
+    def export(self, out_dir: str) -> Optional[str]:
+        """Collective (FSDP gathers the weights). Rank 0 writes the UNet (its EMA when kept), the VAE and
+        decoder.init's scheduler (prediction_type set to the trained one) as a diffusers directory, under a
+        temporary name then renamed, and returns its path; the other ranks return None."""
+        from diffusers import UNet2DConditionModel
+
+        rank, weights = dist.get_rank(), {}
+        for name, t in {**self.unet.state_dict(), **(self.ema or {})}.items():  # the EMA replaces the weights
+            whole = full_tensor(t.detach())  # under FSDP a gather on every rank, one tensor at a time
+            if rank == 0:
+                weights[name] = whole.cpu()
+        if rank != 0:
+            return None
         final, tmp = os.path.join(out_dir, "decoder"), os.path.join(out_dir, "decoder.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        weights = {n: p.detach().clone() for n, p in self.unet.named_parameters()}
-        if self.ema is not None:
-            with torch.no_grad():
-                for name, param in self.unet.named_parameters():
-                    param.copy_(self.ema[name])
-        self.unet.save_pretrained(os.path.join(tmp, "unet"))
-        with torch.no_grad():
-            for name, param in self.unet.named_parameters():
-                param.copy_(weights[name])
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(self.unet.config)
+        unet.load_state_dict(weights, assign=True)
+        unet.save_pretrained(os.path.join(tmp, "unet"))
         for sub in ("vae", "scheduler"):
             shutil.copytree(os.path.join(self.cfg.decoder.init, sub), os.path.join(tmp, sub))
         config_path = os.path.join(tmp, "scheduler", "scheduler_config.json")
@@ -203,7 +208,8 @@ def train(cfg: DecoderJobConfig) -> dict:
     run = DecoderRun(cfg, device(), llm_width)
     conditions = f"precomputed ({cfg.data.precomputed})" if cfg.data.precomputed else \
         f"online from the frozen Emu {run.emu.checkpoint} and VAE"
-    log.info("decoder training: DP %d on %s; UNet %.1fM params (%s), conditions %s, cond_drop_prob %.2f", world,
+    log.info("decoder training: %s over %d rank(s) on %s; UNet %.1fM params (%s), conditions %s, cond_drop_prob "
+             "%.2f", cfg.decoder.parallel.upper(), world,
              torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)",
              sum(p.numel() for p in run.unet.parameters()) / 1e6, cfg.decoder.prediction_type, conditions,
              cfg.decoder.cond_drop_prob)
@@ -212,6 +218,22 @@ def train(cfg: DecoderJobConfig) -> dict:
     else:
         loader = pair_loader(cfg, run.emu, seed=cfg.train.seed, dp_rank=rank, dp_size=world)
     return _train_loop(cfg, run, loader)
+
+
+def check_same_data(path: str, saved: dict, cfg: DecoderJobConfig) -> None:
+    """Refuse (ConfigError) to resume checkpoint `path` on other data: its data.precomputed directory, or
+    online, its data.sources, differ from this run's (`saved`: the checkpoint's config["data"])."""
+    def stream(data: dict) -> str:
+        if data.get("precomputed"):
+            return f"precomputed conditions in {data['precomputed']}"
+        return f"online conditions from the shards {[(s['shards'], s['weight']) for s in data['sources']]}"
+
+    current = decoder_config_to_dict(cfg)["data"]
+    then, now = stream(saved), stream(current)
+    if then != now:
+        field = "data.precomputed" if saved.get("precomputed") or current["precomputed"] else "data.sources"
+        raise ConfigError(f"{field}: {path} was trained on {then}, this run reads {now}. Resume with the "
+                          "checkpoint's data, or set another train.out_dir to start afresh")
 
 
 def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
@@ -235,6 +257,7 @@ def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
         if meta.get("stage") != "decoder":
             raise ConfigError(f"train.out_dir: {latest} is not a decoder-training checkpoint; set another "
                               "train.out_dir")
+        check_same_data(latest, meta["config"]["data"], cfg)
         tensors = run.tensors()
         state, rank_state, meta = checkpointer.load(latest, sharded(tensors, rank), same_layout=meta["dp"] == world)
         copy_loaded(tensors, state)
@@ -246,8 +269,9 @@ def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
         else:
             log.warning("data-parallel size changed from %d to %d: weights and optimizer restored; data order and "
                         "RNG start afresh, so this is a continuation, not an exact resume", meta["dp"], world)
-        start_step = meta["step"]
-        log.info("resumed from %s at step %d", latest, start_step)
+        start_step, written_under = meta["step"], meta["config"]["decoder"].get("parallel", "ddp")
+        log.info("resumed from %s at step %d (written under %s, now %s)", latest, start_step, written_under.upper(),
+                 cfg.decoder.parallel.upper())
     if start_step >= cfg.train.steps:
         log.info("nothing to do: the latest checkpoint is at step %d and train.steps is %d", start_step,
                  cfg.train.steps)
@@ -282,8 +306,9 @@ def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
 
             if loop.finish(step, out, counters, metrics, console_line, save):
                 return metrics
-    if rank == 0:
-        log.info("exported the decoder to %s (generation: --decoder DIR)", run.export(cfg.train.out_dir))
+    exported = run.export(cfg.train.out_dir)
+    if exported:
+        log.info("exported the decoder to %s (generation: --decoder DIR)", exported)
     dist.barrier()
     return metrics
 
@@ -291,9 +316,11 @@ def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
 def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", 0))
     parser = argparse.ArgumentParser(description="Train Emu's visual decoder (stage 2).",
-                                     epilog="Any config field can be overridden: --train.steps 2 --decoder.init DIR")
+                                     epilog="Any config field can be overridden: --train.steps 2 --decoder.init DIR; "
+                                            "--help-config lists them all (docs/config.md)")
     parser.add_argument("--config", required=True, help="YAML decoder job config (see configs/decoder_*.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--help-config", action=HelpConfigAction, const=DecoderJobConfig)
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_decoder_config(args.config, overrides)

@@ -33,13 +33,17 @@ class UNetConfig:
     # Share of conditions replaced by generation's unconditional one (Emu on an empty prompt), in [0, 1).
     cond_drop_prob: float = 0.1
     ema_decay: float = 0.0  # > 0: keep an EMA of the UNet weights (exported instead of the raw weights)
+    # Data parallelism over all ranks. ddp: every rank holds the whole UNet, AdamW state and EMA. fsdp:
+    # torch FSDP2, each rank holds 1/world of them (each UNet block gathered for its forward and backward),
+    # for UNets whose training state does not fit one device. Same update; checkpoints load under either.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass
 class DecoderDataConfig:
     """Image-text WebDataset shards (the image_text layout of emu_mc/data/sources.py)."""
 
-    sources: List[SourceConfig] = field(default_factory=list)
+    sources: List[SourceConfig] = field(default_factory=list)  # image_text sources only, as pretraining's
     # A directory from `python -m emu_mc.decoder.precompute`: train on its conditions and VAE posteriors
     # (no Emu, no VAE in the loop); data.sources and emu.checkpoint are then unused. "" = online.
     precomputed: str = ""

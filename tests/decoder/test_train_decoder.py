@@ -153,3 +153,14 @@ def test_bad_data_stops_the_run_in_one_line(tiny_run, decoder_init, tmp_path, ca
     code = main(["--config", CONFIG, *args])
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]
     assert code == 1 and len(err) == 1 and err[0].startswith("run stopped: data: ") and "corrupt_image" in err[0], err
+
+
+def test_resume_on_other_data_is_refused(tiny_run, decoder_init, tmp_path, capsys):
+    """A checkpoint written reading some shards does not resume on others (its loader positions would
+    index into the wrong stream): exit 2, one line naming the field."""
+    run(overrides(tiny_run, decoder_init, tmp_path, 1))
+    capsys.readouterr()
+    code = main(["--config", CONFIG, *overrides(tiny_run, decoder_init, tmp_path, 2), "--data.sources.0.weight", "2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]
+    assert code == 2 and len(err) == 1 and err[0].startswith("config error: data.sources: ") and \
+        "another train.out_dir" in err[0], err
