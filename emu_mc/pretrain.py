@@ -31,6 +31,8 @@ from emu_mc.run_loop import (EXIT_CONFIG, RunLoop, all_reduce_sum, count_nonfini
 log = logging.getLogger("emu_mc.pretrain")
 
 
+FINETUNE_DESCRIPTION = ("Instruction-tune an Emu-style model: LoRA adapters on the LLM's attention (finetune.mode "
+                        "lora) or every weight (full), from model.init_from.")
 NO_IMAGE_STEPS = 10  # steps in a row without an image after which the run warns (reg is not training)
 
 
@@ -47,10 +49,10 @@ def setup_logging(rank: int) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
-def parse_args(argv):
+def parse_args(argv, description: str = "Pretrain an Emu-style model."):
     from emu_mc.config_docs import HelpConfigAction
 
-    parser = argparse.ArgumentParser(description="Pretrain an Emu-style model.", epilog=
+    parser = argparse.ArgumentParser(description=description, epilog=
                                      "Any config field can be overridden: --model.llm.num_layers 4 --train.steps=50 "
                                      "--data.sources.0.shards PATH; --help-config lists them all (docs/config.md)")
     parser.add_argument("--config", required=True, help="YAML job config (see configs/)")
@@ -130,7 +132,7 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     start_step, latest = 0, checkpointer.latest()
     if latest is not None:
         meta = checkpointer.read_meta(latest)
-        check_same_model(latest, meta, config_to_dict(cfg)["model"], vocab_size)
+        check_same_model(latest, meta, config_to_dict(cfg), vocab_size)
         layout, saved_layout = (dims.tp, dims.pp, dims.dp), (meta["tp"], meta["pp"], meta["dp"])
         _check_reshardable(meta.get("optimizer_format", optimizer_format), saved_layout, layout)
         state, rank_state, meta = checkpointer.load(
@@ -160,7 +162,7 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     peak = device_peak_flops()
     metrics, steps_without_images = {}, 0
     totals, t_start, step = {"tokens": 0.0, "images": 0.0}, time.perf_counter(), start_step - 1
-    with RunLoop(cfg.train, start_step, rank, "pretrain", log) as loop:
+    with RunLoop(cfg.train, start_step, rank, "pretrain" if cfg.finetune is None else "finetune", log) as loop:
         for step in loop.steps():
             lr = lr_at(step, cfg.optim, decay_horizon(cfg.optim, cfg.train.steps))
             t0 = time.perf_counter()
@@ -232,18 +234,27 @@ def _check_reshardable(optimizer_format: str, saved, current) -> None:
             "train.optimizer_checkpoint: fully_reshardable (needs apex or transformer-engine)")
 
 
-def main(argv=None) -> int:
+def main(argv=None, finetune: bool = False) -> int:
+    """The command: pretraining, or with `finetune` instruction tuning (emu_mc/finetune.py: the same
+    run with the config's finetune section, which gets its defaults when absent)."""
+    from emu_mc.convert.pretrained import pin_init_from
     from emu_mc.parallel.groups import ParallelDims
 
     rank = int(os.environ.get("RANK", 0))
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv,
+                                 FINETUNE_DESCRIPTION if finetune else "Pretrain an Emu-style model.")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, finetune=finetune)
+        if cfg.finetune is not None and not finetune:
+            raise ConfigError("finetune: this config instruction-tunes a model; run emu_mc/finetune.py with it "
+                              "(or remove the finetune section to pretrain)")
         if args.print_config:  # the config as resolved, even where its paths exist only elsewhere
             import yaml
 
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
             return 0
+        if finetune:
+            pin_init_from(cfg.model, cfg.train.out_dir)
         check_local_paths(cfg)
         resolve_attention_impl(cfg.model.llm.attention_impl, training=True)  # a backend this machine lacks: exit 2 now
         ParallelDims(int(os.environ.get("WORLD_SIZE", 1)), cfg.parallel.tensor_parallel,

@@ -1,12 +1,16 @@
 """Loading converted weights into a built model: `load_vision_state`, and `load_pretrained`, which
-applies `model.init_from` (a whole exported model, model_format.py), `model.llm.init_from` (an LLM
-checkpoint directory, llm_format.py) and `model.vision.init_from` (a vision safetensors file from
-eva-to-emu) to an EmuModel stage."""
+applies `model.init_from` (a whole exported model, model_format.py, or a pretraining / full fine-tuning
+run's checkpoint, emu_mc/checkpoint.py), `model.llm.init_from` (an LLM checkpoint directory,
+llm_format.py) and `model.vision.init_from` (a vision safetensors file from eva-to-emu) to an EmuModel
+stage. `pin_init_from` fixes the paths a fine-tuning run starts from (the base its adapters belong to)."""
+import json
 import logging
 import os
 
 import torch
 
+from emu_mc.checkpoint import (CheckpointConfigError, CheckpointLoadError, Checkpointer, find_step_dir,
+                               load_model_weights)
 from emu_mc.config import ModelConfig
 from emu_mc.convert.errors import ConversionError, check_keys, check_shape
 from emu_mc.convert.llm_format import EMBEDDING, OUTPUT, arch_mismatches, read_llm_checkpoint, read_llm_meta
@@ -45,7 +49,9 @@ def check_init_from(model_cfg: ModelConfig) -> None:
     """Pre-flight, metadata only: every init_from path exists and its architecture matches
     `model_cfg`. Raises ConversionError naming the field, or every differing architecture field."""
     path = model_cfg.init_from
-    if path:
+    if path and find_step_dir(path) is not None:
+        _check_init_checkpoint(find_step_dir(path), model_cfg)
+    elif path:
         if not os.path.isdir(path):
             raise ConversionError(f"model.init_from: {path!r} is not a directory (python -m emu_mc.convert export "
                                   "--to emu writes one)")
@@ -74,7 +80,14 @@ def load_pretrained(emu_model, model_cfg: ModelConfig) -> None:
     (first pipeline stage only); each is a no-op when empty. Vocab rows the LLM checkpoint lacks (the
     tokenizer's added special tokens) start at the mean of its rows; padding rows past the tokenizer
     are zero. Raises ConversionError."""
-    if model_cfg.init_from:
+    step_dir = find_step_dir(model_cfg.init_from) if model_cfg.init_from else None
+    if step_dir is not None:
+        try:
+            load_model_weights(emu_model, step_dir)
+        except CheckpointConfigError as err:
+            raise ConversionError(f"model.init_from: {err}") from None
+        log.info("whole model from checkpoint %s", step_dir)
+    elif model_cfg.init_from:
         load_whole_model(emu_model, model_cfg)
         log.info("whole model from %s", model_cfg.init_from)
     path = model_cfg.llm.init_from
@@ -91,3 +104,47 @@ def load_pretrained(emu_model, model_cfg: ModelConfig) -> None:
         state = read_tensor_file(path)
         load_vision_state(emu_model.vision, state)
         log.info("vision weights from %s: %d tensors", path, len(state))
+
+
+def _check_init_checkpoint(step_dir: str, model_cfg: ModelConfig) -> None:
+    """model.init_from names a training run's checkpoint: a whole model of this architecture."""
+    from emu_mc.config import ConfigError, config_from_dict
+
+    meta = Checkpointer(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), keep=1).read_meta(step_dir)
+    try:
+        saved = config_from_dict(meta["config"])
+    except (ConfigError, KeyError) as err:
+        raise ConversionError(f"model.init_from: {step_dir}/meta.json: {err}") from None
+    if saved.finetune is not None and saved.finetune.mode == "lora":
+        raise ConversionError(f"model.init_from: {step_dir} holds LoRA adapters only; fold them into their base "
+                              f"first (python -m emu_mc.convert export --checkpoint {step_dir} --to emu --out DIR) "
+                              "and start from DIR")
+    mismatches = model_mismatches(saved.model, model_cfg)
+    if mismatches:
+        raise ConversionError(f"model.init_from: {step_dir} vs model config differ in {'; '.join(mismatches)} "
+                              "(checkpoint vs config; see its meta.json)")
+
+
+def pin_init_from(model_cfg: ModelConfig, out_dir: str) -> None:
+    """Fix the weights a fine-tuning run starts from, in place: every init_from an absolute path, a run
+    directory resolved to its current step directory (a later `latest` must not change the base of
+    the adapters). When out_dir holds a checkpoint of this run, its recorded paths win: a resumed run
+    keeps the base it started from (a warning names a config that now points elsewhere)."""
+    recorded = latest = None
+    try:
+        latest = Checkpointer(out_dir, keep=1).latest() if os.path.isdir(os.path.join(out_dir, "checkpoints")) else None
+        if latest is not None:
+            with open(os.path.join(latest, "meta.json")) as f:
+                recorded = json.load(f)["config"]["model"]
+    except (CheckpointLoadError, OSError, ValueError, KeyError, TypeError):
+        pass  # a damaged checkpoint: the run reports it when it resumes
+    for section, key in ((model_cfg, ""), (model_cfg.llm, "llm"), (model_cfg.vision, "vision")):
+        path = section.init_from
+        if path:
+            path = os.path.abspath(find_step_dir(path) or path) if key != "vision" else os.path.abspath(path)
+        saved = (recorded.get(key, {}) if key else recorded)["init_from"] if recorded else None
+        if saved is not None and saved != path:
+            log.warning("resuming %s with the base it started from, %s.init_from %s (the config says %r)",
+                        latest, f"model.{key}" if key else "model", saved, section.init_from)
+            path = saved
+        section.init_from = path

@@ -93,10 +93,10 @@ class _Adapters:
         p = self.lora.dropout
         if p == 0.0 or not self.training:
             return x
-        rank, _ = self._tp()
         width = x.shape[-1]
+        start = self._tp()[0] * width if width < full_width else 0
         keep = torch.empty(*x.shape[:-1], full_width, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p)
-        return x * keep[..., rank * width:(rank + 1) * width] / (1.0 - p)
+        return x * keep[..., start:start + width] / (1.0 - p)
 
     @torch.no_grad()
     def reset_adapters(self, generator: torch.Generator) -> None:
