@@ -259,7 +259,7 @@ class FinetuneConfig:
     model.init_from (or model.llm.init_from), LoRA adapters on the LLM's attention or the full model.
     Absent (null) in pretraining configs; finetune.py gives a config without it these defaults."""
 
-    # lora: low-rank adapters on the LLM's attention q, k, v and o (per projection, SPEC's Emu-I);
+    # lora: low-rank adapters on the LLM's attention q, k, v and o (per projection, as the released Emu-I);
     # every other weight is frozen and checkpoints hold the adapters only. full: every weight trains
     # (model.*.freeze still apply) and checkpoints are whole, as in pretraining.
     mode: Literal["lora", "full"] = "lora"

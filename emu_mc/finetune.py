@@ -2,7 +2,7 @@
 the same TP x PP x DP stack, run loop, logs, checkpoints and exact resume) from the weights of
 model.init_from, with the config's `finetune` section (defaults when absent):
 
-- finetune.mode lora (SPEC's Emu-I: rank 16, alpha 16, dropout 0.05): LoRA adapters on the LLM's
+- finetune.mode lora (the released Emu-I's: rank 16, alpha 16, dropout 0.05): LoRA adapters on the LLM's
   attention q, k, v and o (emu_mc/model/lora.py) are the only trainable parameters; the base is frozen
   and out of the optimizer; checkpoints hold the adapters (and their optimizer state) alone, their
   meta.json the base's absolute path (model.init_from, a run directory resolved to its step);
