@@ -49,8 +49,8 @@ def check_init_from(model_cfg: ModelConfig) -> None:
     """Pre-flight, metadata only: every init_from path exists and its architecture matches
     `model_cfg`. Raises ConversionError naming the field, or every differing architecture field."""
     path = model_cfg.init_from
-    if path and find_step_dir(path) is not None:
-        _check_init_checkpoint(find_step_dir(path), model_cfg)
+    if path and _step_dir(path) is not None:
+        _check_init_checkpoint(_step_dir(path), model_cfg)
     elif path:
         if not os.path.isdir(path):
             raise ConversionError(f"model.init_from: {path!r} is not a directory (python -m emu_mc.convert export "
@@ -80,7 +80,7 @@ def load_pretrained(emu_model, model_cfg: ModelConfig) -> None:
     (first pipeline stage only); each is a no-op when empty. Vocab rows the LLM checkpoint lacks (the
     tokenizer's added special tokens) start at the mean of its rows; padding rows past the tokenizer
     are zero. Raises ConversionError."""
-    step_dir = find_step_dir(model_cfg.init_from) if model_cfg.init_from else None
+    step_dir = _step_dir(model_cfg.init_from) if model_cfg.init_from else None
     if step_dir is not None:
         try:
             load_model_weights(emu_model, step_dir)
@@ -104,6 +104,14 @@ def load_pretrained(emu_model, model_cfg: ModelConfig) -> None:
         state = read_tensor_file(path)
         load_vision_state(emu_model.vision, state)
         log.info("vision weights from %s: %d tensors", path, len(state))
+
+
+def _step_dir(path: str):
+    """The step directory a training run's path names (following `latest`), None when it names none."""
+    try:
+        return find_step_dir(path)
+    except CheckpointLoadError as err:
+        raise ConversionError(f"init_from {path}: {err}") from None
 
 
 def _check_init_checkpoint(step_dir: str, model_cfg: ModelConfig) -> None:
@@ -141,7 +149,7 @@ def pin_init_from(model_cfg: ModelConfig, out_dir: str) -> None:
     for section, key in ((model_cfg, ""), (model_cfg.llm, "llm"), (model_cfg.vision, "vision")):
         path = section.init_from
         if path:
-            path = os.path.abspath(find_step_dir(path) or path) if key != "vision" else os.path.abspath(path)
+            path = os.path.abspath(_step_dir(path) or path) if key != "vision" else os.path.abspath(path)
         saved = (recorded.get(key, {}) if key else recorded)["init_from"] if recorded else None
         if saved is not None and saved != path:
             log.warning("resuming %s with the base it started from, %s.init_from %s (the config says %r)",
