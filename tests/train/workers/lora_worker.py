@@ -13,20 +13,19 @@ under torchrun by tests/train/test_finetune.py; process start-up dominates, so o
                               the optimizer holds, whether the base stayed bit-identical, the adapters moved
                               and the TP replicas of replicated adapters agree.
 """
-import argparse
 import json
 import os
 
 import torch
 import torch.distributed as dist
 
-from emu_mc.checkpoint import checkpointed_model_state
 from emu_mc.config import FinetuneConfig, load_config
 from emu_mc.model.lora import is_adapter
 from emu_mc.parallel.groups import init_distributed
 from emu_mc.parallel.setup import build_model_and_optimizer, forward_backward, train_step, unwrap
 from emu_mc.tokenizer import load_tokenizer, special_token_ids
-from tests.parallel.workers.layout_worker import complete_reduce_scattered_grads, global_batch, replicas_identical
+from tests.parallel.workers.layout_worker import (complete_reduce_scattered_grads, global_batch, parse_args,
+                                                  replicas_identical, save_model)
 
 
 def build(tp, pp, overrides, finetune):
@@ -50,8 +49,6 @@ def optimizer_parameter_names(model, optimizer):
 
 
 def save_init(args):
-    from megatron.core import dist_checkpointing
-
     init_distributed(1, 1, seed=1234)
     _, _, _, chunks, _ = build(1, 1, [], {"mode": "lora"})
     model = unwrap(chunks[0])
@@ -60,10 +57,7 @@ def save_init(args):
         for name, p in model.named_parameters():
             if is_adapter(name):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    if dist.get_rank() == 0:
-        os.makedirs(args.init, exist_ok=True)
-    dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), args.init)
+    save_model(model, args.init)
 
 
 def run_layout(args, run):
@@ -89,11 +83,8 @@ def run_layout(args, run):
             for name, p in model.named_parameters():
                 if p.requires_grad:
                     p.copy_(p.main_grad)
-            state = checkpointed_model_state(model)
-            if dist.get_rank() == 0:
-                os.makedirs(os.path.join(out, "grads"), exist_ok=True)
-            dist.barrier()
-            dist_checkpointing.save(state, os.path.join(out, "grads"))
+        save_model(model, os.path.join(out, "grads"))  # the frozen base as it is, the adapters' gradients
+        with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(before[name])
         optimizer.reload_model_params()
@@ -117,12 +108,7 @@ def run_layout(args, run):
 def main():
     from megatron.core import parallel_state as ps
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--init", required=True)
-    parser.add_argument("--out")
-    parser.add_argument("--save-init", action="store_true")
-    parser.add_argument("--runs", type=json.loads, default=[])
-    args = parser.parse_args()
+    args = parse_args()
     if args.save_init:
         save_init(args)
         ps.destroy_model_parallel()
