@@ -96,6 +96,11 @@ def train(cfg: Config) -> dict:
     log.info("accelerators: %s", "; ".join(f"{name}: {how}" for name, how in
                                             accelerators.report(cfg.model.llm.attention_impl).items()))
     tokenizer = load_tokenizer(cfg.model.tokenizer)
+    if cfg.finetune is not None:
+        f = cfg.finetune
+        log.info("fine-tuning from %s: %s", cfg.model.init_from or cfg.model.llm.init_from,
+                 f"LoRA rank {f.lora_rank}, alpha {f.lora_alpha:g}, dropout {f.lora_dropout:g} on the LLM's attention "
+                 "q, k, v, o; everything else frozen" if f.mode == "lora" else "every weight (full)")
     model_chunks, optimizer = build_model_and_optimizer(cfg, special_token_ids(tokenizer), len(tokenizer))
     loader = build_data_loader(cfg, tokenizer, dp_rank=parallel_state.get_data_parallel_rank(),
                                dp_size=parallel_state.get_data_parallel_world_size())
