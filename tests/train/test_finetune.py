@@ -174,6 +174,16 @@ def test_the_merged_export_loads_as_a_pretrained_model_with_the_adapter_models_l
     print(f"merged export vs adapter model: max abs logit diff {diff:.2e}")
     assert diff <= 1e-5
 
+    cfg.model.init_from = str(tmp_path / "merged")  # the export as the base of the next fine-tuning run
+    again = EmuModel(cfg.model, special_token_ids(tok), len(tok), lora=LoRASettings.of(cfg.finetune))
+    load_pretrained(again, cfg.model)
+    merged_weights = merged.model.state_dict()
+    for name, tensor in again.state_dict().items():
+        if is_adapter(name):
+            assert not tensor.any(), name  # left as built: zero until init_adapters
+        elif isinstance(tensor, torch.Tensor):
+            assert torch.equal(tensor, merged_weights[name]), name
+
 
 @pytest.mark.parametrize("args,message", [
     (["--finetune.mode", "partial"], "finetune.mode: 'partial' is not one of ['lora', 'full']"),
