@@ -225,6 +225,11 @@ class Checkpointer:
         self.root = os.path.join(out_dir, "checkpoints")
         self.keep = keep
 
+    @classmethod
+    def of_step(cls, step_dir: str) -> "Checkpointer":
+        """The checkpointer of the run that holds `step_dir` (<out_dir>/checkpoints/step_N), for reading it."""
+        return cls(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), keep=1)
+
     @staticmethod
     def _name(step: int) -> str:
         return f"step_{step:06d}"
@@ -467,7 +472,7 @@ def load_checkpoint_model(step_dir: str, *, tp: int = 1, tokenizer: Optional[str
     from emu_mc.parallel.groups import init_distributed
     from emu_mc.tokenizer import load_tokenizer, special_token_ids
 
-    checkpointer = Checkpointer(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), keep=1)
+    checkpointer = Checkpointer.of_step(step_dir)
     meta = checkpointer.read_meta(step_dir)
     try:
         cfg = config_from_dict(meta["config"])
@@ -499,7 +504,7 @@ def load_model_weights(model, step_dir: str) -> None:
     another vocabulary size, CheckpointLoadError for a damaged one."""
     from emu_mc.model.lora import is_adapter
 
-    checkpointer = Checkpointer(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), keep=1)
+    checkpointer = Checkpointer.of_step(step_dir)
     meta = checkpointer.read_meta(step_dir)
     if (meta["config"].get("finetune") or {}).get("mode") == "lora":
         raise CheckpointConfigError(f"{step_dir} holds LoRA adapters only; fold them into their base first: "

@@ -118,7 +118,7 @@ def _check_init_checkpoint(step_dir: str, model_cfg: ModelConfig) -> None:
     """model.init_from names a training run's checkpoint: a whole model of this architecture."""
     from emu_mc.config import ConfigError, config_from_dict
 
-    meta = Checkpointer(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), keep=1).read_meta(step_dir)
+    meta = Checkpointer.of_step(step_dir).read_meta(step_dir)
     try:
         saved = config_from_dict(meta["config"])
     except (ConfigError, KeyError) as err:

@@ -69,7 +69,8 @@ def per_group_concat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: 
 
 
 class _Adapters:
-    """What both adapted linears share: settings, dropout at full width, init, merge, checkpoint axes."""
+    """What both adapted linears share (a mixin before megatron's linear class): settings, dropout at
+    full width, init, merge, checkpoint axes. Adapters are parameters named lora_*."""
 
     lora: Optional[LoRASettings]
     _adapter_axes: Dict[str, int]  # adapter name -> its TP-split axis (absent: replicated over TP)
@@ -102,7 +103,7 @@ class _Adapters:
     def reset_adapters(self, generator: torch.Generator) -> None:
         """A kaiming-uniform at full width (nn.Linear's default: U(+-1/sqrt(in))), this rank's slice of it;
         B zero. `generator` (CPU) makes the draw the same in every layout."""
-        rank, _ = self._tp()
+        rank, size = self._tp()
         for name in self.adapter_names():
             param = getattr(self, name)
             if not name.startswith(PREFIX + "a"):
@@ -111,12 +112,9 @@ class _Adapters:
             axis = self._adapter_axes.get(name)
             full = list(param.shape)
             if axis is not None:
-                full[axis] *= self._tp()[1]
-            bound = 1.0 / full[1] ** 0.5
-            values = (torch.rand(full, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-            if axis is not None:
-                values = values.chunk(self._tp()[1], axis)[rank]
-            param.copy_(values)
+                full[axis] *= size
+            values = (torch.rand(full, generator=generator, dtype=torch.float64) * 2 - 1) / full[1] ** 0.5
+            param.copy_(values if axis is None else values.chunk(size, axis)[rank])
 
     @torch.no_grad()
     def merge_adapters(self) -> None:
