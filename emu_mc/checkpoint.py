@@ -467,6 +467,7 @@ def load_checkpoint_model(step_dir: str, *, tp: int = 1, tokenizer: Optional[str
 
     from emu_mc.config import ConfigError, config_from_dict
     from emu_mc.convert import ConversionError, load_pretrained
+    from emu_mc.convert.pretrained import check_base_identity
     from emu_mc.model.emu import EmuModel
     from emu_mc.model.lora import LoRASettings, merge_adapters
     from emu_mc.parallel.groups import init_distributed
@@ -487,6 +488,8 @@ def load_checkpoint_model(step_dir: str, *, tp: int = 1, tokenizer: Optional[str
     model = EmuModel(cfg.model, special_token_ids(tok), len(tok), tp=tp, params_dtype=dtype, lora=lora)
     if lora is not None:  # adapters only: first their base, the run's model.init_from (an absolute path)
         try:
+            if "base" in meta:
+                check_base_identity(meta["base"], cfg.model, step_dir)
             load_pretrained(model, cfg.model)
         except (ConversionError, FileNotFoundError) as err:
             raise CheckpointConfigError(f"{step_dir} holds LoRA adapters; their base weights: {err}") from None

@@ -115,7 +115,9 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
                                    optimizer_checkpoint_format, restore_rng_state, training_state)
     from emu_mc.metrics import (device_peak_flops, flops_per_attention_pair, flops_per_image, flops_per_token,
                                 run_summary)
+    from emu_mc.convert.pretrained import base_identity, check_base_identity
     from emu_mc.model.document_attention import causal_pairs
+    from emu_mc.model.lora import LoRASettings
     from emu_mc.parallel.setup import device, train_step, vision_seconds_per_tp_rank
     from emu_mc.schedule import decay_horizon, lr_at, schedule_change
 
@@ -128,16 +130,21 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     log.info("checkpoints: %s %son SIGTERM, keeping %d; optimizer state %s", checkpointer.root,
              when, cfg.train.keep_checkpoints, optimizer_format)
 
+    # LoRA checkpoints hold adapters only: they record which base they belong to (model.init_from's identity)
+    base = {"base": base_identity(cfg.model)} if LoRASettings.of(cfg.finetune) else {}
+
     def save(step: int) -> None:
         checkpointer.save(step, training_state(model_chunks, optimizer, optimizer_format),
                           {"rng": capture_rng_state(), "data": loader.state_dict(), "counters": dict(counters)},
                           {"config": config_to_dict(cfg), "tp": dims.tp, "pp": dims.pp, "dp": dims.dp,
-                           "optimizer_format": optimizer_format, "vocab_size": vocab_size})
+                           "optimizer_format": optimizer_format, "vocab_size": vocab_size, **base})
 
     start_step, latest = 0, checkpointer.latest()
     if latest is not None:
         meta = checkpointer.read_meta(latest)
         check_same_model(latest, meta, config_to_dict(cfg), vocab_size)
+        if base and "base" in meta:
+            check_base_identity(meta["base"], cfg.model, latest)
         layout, saved_layout = (dims.tp, dims.pp, dims.dp), (meta["tp"], meta["pp"], meta["dp"])
         _check_reshardable(meta.get("optimizer_format", optimizer_format), saved_layout, layout)
         state, rank_state, meta = checkpointer.load(

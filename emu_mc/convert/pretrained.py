@@ -3,6 +3,7 @@ applies `model.init_from` (a whole exported model, model_format.py, or a pretrai
 run's checkpoint, emu_mc/checkpoint.py), `model.llm.init_from` (an LLM checkpoint directory,
 llm_format.py) and `model.vision.init_from` (a vision safetensors file from eva-to-emu) to an EmuModel
 stage. `pin_init_from` fixes the paths a fine-tuning run starts from (the base its adapters belong to)."""
+import hashlib
 import json
 import logging
 import os
@@ -13,8 +14,9 @@ from emu_mc.checkpoint import (CheckpointConfigError, CheckpointLoadError, Check
                                load_model_weights)
 from emu_mc.config import ModelConfig
 from emu_mc.convert.errors import ConversionError, check_keys, check_shape
-from emu_mc.convert.llm_format import EMBEDDING, OUTPUT, arch_mismatches, read_llm_checkpoint, read_llm_meta
-from emu_mc.convert.model_format import load_whole_model, model_mismatches, read_model_meta
+from emu_mc.convert.llm_format import (EMBEDDING, META_FILE, OUTPUT, arch_mismatches, read_llm_checkpoint,
+                                      read_llm_meta)
+from emu_mc.convert.model_format import MODEL_META, load_whole_model, model_mismatches, read_model_meta
 from emu_mc.convert.shard import load_llm_state
 from emu_mc.convert.tensor_files import StateDict, read_tensor_file
 
@@ -136,8 +138,9 @@ def _check_init_checkpoint(step_dir: str, model_cfg: ModelConfig) -> None:
 def pin_init_from(model_cfg: ModelConfig, out_dir: str) -> None:
     """Fix the weights a fine-tuning run starts from, in place: every init_from an absolute path, a run
     directory resolved to its current step directory (a later `latest` must not change the base of
-    the adapters). When out_dir holds a checkpoint of this run, its recorded paths win: a resumed run
-    keeps the base it started from (a warning names a config that now points elsewhere)."""
+    the adapters). When out_dir holds a checkpoint of this run, its recorded paths win while they
+    exist: a resumed run keeps the base it started from (a warning names a config that points
+    elsewhere); a base that has moved is taken from the config (its identity is checked on resume)."""
     recorded = latest = None
     try:
         latest = Checkpointer(out_dir, keep=1).latest() if os.path.isdir(os.path.join(out_dir, "checkpoints")) else None
@@ -151,8 +154,37 @@ def pin_init_from(model_cfg: ModelConfig, out_dir: str) -> None:
         if path:
             path = os.path.abspath(_step_dir(path) or path) if key != "vision" else os.path.abspath(path)
         saved = (recorded.get(key, {}) if key else recorded)["init_from"] if recorded else None
-        if saved is not None and saved != path:
+        if saved is not None and saved != path and os.path.exists(saved):
             log.warning("resuming %s with the base it started from, %s.init_from %s (the config says %r)",
                         latest, f"model.{key}" if key else "model", saved, section.init_from)
             path = saved
         section.init_from = path
+
+
+_IDENTIFYING = ("meta.json", MODEL_META, META_FILE)  # metadata files whose content names the weights
+
+
+def base_identity(model_cfg: ModelConfig) -> str:
+    """A digest of the weights the init_from paths hold, from their metadata files and file sizes (no
+    weight is read; the paths themselves do not count, so a moved base keeps its identity). Recorded
+    with LoRA adapters and checked whenever they meet their base again."""
+    digest = hashlib.sha256()
+    for path in (model_cfg.init_from, model_cfg.llm.init_from, model_cfg.vision.init_from):
+        files = sorted(os.listdir(path)) if path and os.path.isdir(path) else [""] if path else []
+        for name in files:
+            full = os.path.join(path, name) if name else path
+            if os.path.isfile(full):
+                digest.update(f"{name}:{os.path.getsize(full)};".encode())
+                if name in _IDENTIFYING:
+                    with open(full, "rb") as f:
+                        digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def check_base_identity(recorded: str, model_cfg: ModelConfig, checkpoint: str) -> None:
+    """ConversionError when the base at model_cfg's init_from is not the one `checkpoint`'s adapters
+    were trained on (`recorded`: its base_identity)."""
+    if recorded != base_identity(model_cfg):
+        raise ConversionError(f"{checkpoint} holds LoRA adapters trained on other base weights than "
+                              f"{model_cfg.init_from or model_cfg.llm.init_from} holds now (base identity {recorded}, "
+                              f"found {base_identity(model_cfg)}); put that base back, or start another train.out_dir")

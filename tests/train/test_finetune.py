@@ -128,6 +128,7 @@ def test_lora_run_lowers_the_loss_and_checkpoints_the_adapters_alone(lora_run, b
     step_dir = out / "checkpoints" / "step_000010"
     meta = json.loads((step_dir / "meta.json").read_text())
     assert meta["config"]["model"]["init_from"] == str(base / "checkpoints" / "step_000003")  # pinned, absolute
+    assert len(meta["base"]) == 16  # the base's identity
     model_keys = [k for k in dist_checkpointing.load_tensors_metadata(str(step_dir)) if k.startswith("llm.")]
     assert model_keys and all(is_adapter(k) for k in model_keys)
 
@@ -183,6 +184,24 @@ def test_the_merged_export_loads_as_a_pretrained_model_with_the_adapter_models_l
             assert not tensor.any(), name  # left as built: zero until init_adapters
         elif isinstance(tensor, torch.Tensor):
             assert torch.equal(tensor, merged_weights[name]), name
+
+
+def test_adapters_follow_a_moved_base_and_refuse_a_changed_one(lora_run, base, tmp_path, single_process_world):
+    from emu_mc.checkpoint import CheckpointConfigError, load_checkpoint_model
+
+    out, _ = lora_run
+    moved = tmp_path / "moved_base"
+    shutil.copytree(base, moved)
+    step = tmp_path / "lora" / "checkpoints" / "step_000010"
+    shutil.copytree(out / "checkpoints" / "step_000010", step)
+    meta = json.loads((step / "meta.json").read_text())
+    meta["config"]["model"]["init_from"] = str(moved / "checkpoints" / "step_000003")
+    (step / "meta.json").write_text(json.dumps(meta))
+    load_checkpoint_model(str(step))
+    base_meta = moved / "checkpoints" / "step_000003" / "meta.json"
+    base_meta.write_text(base_meta.read_text().replace('"step": 3', '"step": 4'))  # another base now
+    with pytest.raises(CheckpointConfigError, match="trained on other base weights"):
+        load_checkpoint_model(str(step))
 
 
 @pytest.mark.parametrize("args,message", [
