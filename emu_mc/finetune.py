@@ -5,7 +5,7 @@ model.init_from, with the config's `finetune` section (defaults when absent):
 - finetune.mode lora (the released Emu-I's: rank 16, alpha 16, dropout 0.05): LoRA adapters on the LLM's
   attention q, k, v and o (emu_mc/model/lora.py) are the only trainable parameters; the base is frozen
   and out of the optimizer; checkpoints hold the adapters (and their optimizer state) alone, their
-  meta.json the base's absolute path (model.init_from, a run directory resolved to its step);
+  meta.json the base's absolute path (model.init_from, a run directory resolved to its step) and identity;
 - finetune.mode full: every weight trains (model.*.freeze still apply); checkpoints are whole.
 
     torchrun --nproc_per_node=2 emu_mc/finetune.py --config configs/emu_i_tiny.yaml      # CPU, gloo
