@@ -82,6 +82,9 @@ def test_lora_trains_only_the_adapters(layouts):
         assert adapters and over_ranks(ranks, "trainable") == adapters == over_ranks(ranks, "optimizer"), name
         for rank in ranks:  # after 3 optimizer steps
             assert rank["base_identical"] and rank["adapters_moved"] and rank["tp_replicas_identical"], name
+            assert ("merged_loss" in rank) == (LAYOUTS[name][1] == 1), name
+            if "merged_loss" in rank:  # merging each TP shard in place changes no result
+                assert rank["merged_loss"][1] == pytest.approx(rank["merged_loss"][0], rel=1e-6), name
 
 
 def test_full_mode_trains_every_parameter(layouts):

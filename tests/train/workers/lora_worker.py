@@ -11,7 +11,8 @@ under torchrun by tests/train/test_finetune.py; process start-up dominates, so o
                               DP-reduced adapter gradients as a dist checkpoint under ROOT/name/grads, then 3
                               optimizer steps; ROOT/name/result.json: the loss, the trainable parameters, those
                               the optimizer holds, whether the base stayed bit-identical, the adapters moved
-                              and the TP replicas of replicated adapters agree.
+                              and the TP replicas of replicated adapters agree; at PP = 1 the eval loss of a
+                              microbatch before and after merging this layout's adapter shards.
 """
 import json
 import os
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from emu_mc.config import FinetuneConfig, load_config
-from emu_mc.model.lora import is_adapter
+from emu_mc.model.lora import is_adapter, merge_adapters
 from emu_mc.parallel.groups import init_distributed
 from emu_mc.parallel.setup import build_model_and_optimizer, forward_backward, train_step, unwrap
 from emu_mc.tokenizer import load_tokenizer, special_token_ids
@@ -96,6 +97,12 @@ def run_layout(args, run):
         result["adapters_moved"] = all(not torch.equal(params[n], before[n]) for n in params if is_adapter(n))
         replicated = [p for n, p in params.items() if is_adapter(n) and not getattr(p, "tensor_model_parallel", False)]
         result["tp_replicas_identical"] = replicas_identical(replicated, ps.get_tensor_model_parallel_group())
+        if run["pp"] == 1:  # this layout's shards merged in place: the same loss (eval: no dropout)
+            model.eval()
+            with torch.no_grad():
+                adapted = model(microbatches[0])["loss"].item()
+                merge_adapters(model)
+                result["merged_loss"] = [adapted, model(microbatches[0])["loss"].item()]
     results = [None] * dist.get_world_size()
     dist.all_gather_object(results, result)
     if dist.get_rank() == 0:
