@@ -58,15 +58,17 @@ def _flatten(tree: Dict[str, Any], prefix: str) -> Dict[str, Any]:
     return out
 
 
-def check_same_model(path: str, meta: Dict[str, Any], model: Dict[str, Any], vocab_size: int) -> None:
-    """Refuse (ConfigError) to resume checkpoint `path` into another model: `model` is this run's
-    config_to_dict(cfg)["model"], compared with the one saved in `meta`, field by field (a field added
-    since the checkpoint was written counts with its default)."""
+def check_same_model(path: str, meta: Dict[str, Any], config: Dict[str, Any], vocab_size: int) -> None:
+    """Refuse (ConfigError) to resume checkpoint `path` into another model: `config` is this run's
+    config_to_dict(cfg), whose model (and finetune) sections are compared with the ones saved in
+    `meta`, field by field (a model field added since the checkpoint was written counts with its default)."""
     from emu_mc.config import Config, ConfigError, config_to_dict
 
     defaults = _flatten(config_to_dict(Config())["model"], "model.")
-    saved, current = {**defaults, **_flatten(meta["config"]["model"], "model.")}, _flatten(model, "model.")
-    skip = {f"model.{name}" for name in RESUMABLE_MODEL_FIELDS}
+    saved, current = ({**_flatten(c["model"], "model."), **_flatten({"finetune": c.get("finetune")}, "")}
+                      for c in (meta["config"], config))
+    saved = {**defaults, **saved}
+    skip = {f"model.{name}" for name in RESUMABLE_MODEL_FIELDS} | {"finetune.lora_dropout"}
     differ = [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
               for k in sorted(set(saved) | set(current)) if k not in skip and saved.get(k) != current.get(k)]
     if meta.get("vocab_size", vocab_size) != vocab_size:
@@ -125,9 +127,28 @@ def training_state(model_chunks, optimizer, optimizer_format: str, is_loading: b
     if is_loading:
         _allocate_optimizer_state(optimizer)
     metadata = {"distrib_optim_sharding_type": optimizer_format}
-    model_state = unwrap(model_chunks[0]).sharded_state_dict(metadata=metadata)
+    model_state = checkpointed_model_state(unwrap(model_chunks[0]), metadata)
     return {"model": model_state,
             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)}
+
+
+def checkpointed_model_state(model, metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The sharded state a checkpoint holds of `model` (an EmuModel stage): all of it, or with LoRA
+    adapters (finetune.mode lora) the adapters alone; the base is the run's model.init_from."""
+    from emu_mc.model.lora import has_adapters, is_adapter
+
+    state = model.sharded_state_dict(metadata=metadata)
+    return {k: v for k, v in state.items() if is_adapter(k)} if has_adapters(model) else state
+
+
+def load_model_state(model, state: Dict[str, Any]) -> None:
+    """Put a loaded `checkpointed_model_state` into `model`."""
+    from emu_mc.model.lora import has_adapters, load_adapter_state
+
+    if has_adapters(model):
+        load_adapter_state(model, state)
+    else:
+        model.load_state_dict(state)
 
 
 def _allocate_optimizer_state(optimizer) -> None:
@@ -160,7 +181,7 @@ def load_training_state(model_chunks, optimizer, state: Dict[str, Any]) -> None:
 
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    unwrap(model_chunks[0]).load_state_dict(state["model"])
+    load_model_state(unwrap(model_chunks[0]), state["model"])
     with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
         optimizer.load_state_dict(state["optimizer"])
     # megatron-core 0.16 with torch.optim.Adam (no apex/TE) restores the iteration count into each param
@@ -205,6 +226,11 @@ class Checkpointer:
     def __init__(self, out_dir: str, keep: int):
         self.root = os.path.join(out_dir, "checkpoints")
         self.keep = keep
+
+    @classmethod
+    def of_step(cls, step_dir: str) -> "Checkpointer":
+        """The checkpointer of the run that holds `step_dir` (<out_dir>/checkpoints/step_N), for reading it."""
+        return cls(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), keep=1)
 
     @staticmethod
     def _name(step: int) -> str:
@@ -435,16 +461,21 @@ def find_step_dir(path: str) -> Optional[str]:
 def load_checkpoint_model(step_dir: str, *, tp: int = 1, tokenizer: Optional[str] = None):
     """(EmuModel with the checkpoint's weights in the run's params dtype, this rank's TP shard of `tp`;
     its Config; tokenizer; meta). Rebuilt from the config saved with the checkpoint (`tokenizer`
-    overrides model.tokenizer); dist_checkpointing reshards whatever TP x PP layout wrote it. Starts
-    the process groups (TP = tp, PP = 1). Raises CheckpointConfigError for an unusable meta.json."""
+    overrides model.tokenizer); dist_checkpointing reshards whatever TP x PP layout wrote it. A LoRA
+    checkpoint's adapters are loaded onto their base (its model.init_from) and merged: the model is a
+    plain one. Starts the process groups (TP = tp, PP = 1). Raises CheckpointConfigError for an
+    unusable meta.json or base."""
     import torch
 
     from emu_mc.config import ConfigError, config_from_dict
+    from emu_mc.convert import ConversionError, load_pretrained
+    from emu_mc.convert.pretrained import check_base_identity
     from emu_mc.model.emu import EmuModel
+    from emu_mc.model.lora import LoRASettings, merge_adapters
     from emu_mc.parallel.groups import init_distributed
     from emu_mc.tokenizer import load_tokenizer, special_token_ids
 
-    checkpointer = Checkpointer(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), keep=1)
+    checkpointer = Checkpointer.of_step(step_dir)
     meta = checkpointer.read_meta(step_dir)
     try:
         cfg = config_from_dict(meta["config"])
@@ -455,7 +486,42 @@ def load_checkpoint_model(step_dir: str, *, tp: int = 1, tokenizer: Optional[str
         raise CheckpointConfigError(f"{step_dir}/meta.json: {err}") from None
     init_distributed(tp, 1, seed=cfg.train.seed)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = EmuModel(cfg.model, special_token_ids(tok), len(tok), tp=tp, params_dtype=dtype)
-    state, _, _ = checkpointer.load(step_dir, {"model": model.sharded_state_dict()}, same_layout=False)
-    model.load_state_dict(state["model"])
+    lora = LoRASettings.of(cfg.finetune)
+    model = EmuModel(cfg.model, special_token_ids(tok), len(tok), tp=tp, params_dtype=dtype, lora=lora)
+    if lora is not None:  # adapters only: first their base, the run's model.init_from (an absolute path)
+        try:
+            if "base" in meta:
+                check_base_identity(meta["base"], cfg.model, step_dir)
+            load_pretrained(model, cfg.model)
+        except (ConversionError, FileNotFoundError) as err:
+            raise CheckpointConfigError(f"{step_dir} holds LoRA adapters; their base weights: {err}") from None
+    state, _, _ = checkpointer.load(step_dir, {"model": checkpointed_model_state(model)}, same_layout=False)
+    load_model_state(model, state["model"])
+    if lora is not None:
+        merge_adapters(model)
     return model.eval(), cfg, tok, meta
+
+
+def load_model_weights(model, step_dir: str) -> None:
+    """The weights of the pretraining or full fine-tuning checkpoint `step_dir` into this rank's
+    EmuModel stage `model` (any TP x PP: dist_checkpointing reshards); adapters of `model` are left
+    as they are. Collective. Raises CheckpointConfigError for a LoRA checkpoint (adapters only) or
+    another vocabulary size, CheckpointLoadError for a damaged one."""
+    from emu_mc.model.lora import is_adapter
+
+    checkpointer = Checkpointer.of_step(step_dir)
+    meta = checkpointer.read_meta(step_dir)
+    if (meta["config"].get("finetune") or {}).get("mode") == "lora":
+        raise CheckpointConfigError(f"{step_dir} holds LoRA adapters only; fold them into their base first: "
+                                    f"python -m emu_mc.convert export --checkpoint {step_dir} --to emu --out DIR, "
+                                    "then start from DIR")
+    if meta.get("vocab_size", model.vocab_size) != model.vocab_size:
+        raise CheckpointConfigError(f"{step_dir} has a {meta['vocab_size']}-token vocabulary, this model "
+                                    f"{model.vocab_size}: export it (python -m emu_mc.convert export --to emu) "
+                                    "and start from the export, whose vocabulary grows to the tokenizer's")
+    base = {k: v for k, v in model.sharded_state_dict().items() if not is_adapter(k)}
+    state, _, _ = checkpointer.load(step_dir, {"model": base}, same_layout=False)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if unexpected or any(not is_adapter(k) for k in missing):
+        raise CheckpointConfigError(f"{step_dir}: unexpected {list(unexpected)[:3]}, missing "
+                                    f"{[k for k in missing if not is_adapter(k)][:3]}")

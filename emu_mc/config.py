@@ -109,8 +109,10 @@ class ModelConfig:
     # std of the normal init of the LLM's and ViT's weight matrices and of the resampler's queries (the
     # rest of the resampler follows T5's init, the regression head nn.Linear's default, as released)
     init_std: float = 0.02
-    # A whole model from `python -m emu_mc.convert export --to emu` (every component's weights; its
-    # architecture fields must match these); "" = random init, or the per-component init_from below.
+    # A whole model (every component's weights; its architecture fields must match these): a directory from
+    # `python -m emu_mc.convert export --to emu` or `emu1-to-emu`, or a pretraining / full fine-tuning run
+    # (its out_dir, which follows `latest`, or a step_N/ directory; same vocabulary size);
+    # "" = random init, or the per-component init_from below.
     init_from: str = ""
 
 
@@ -257,12 +259,28 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Instruction tuning (emu_mc/finetune.py; README "Instruction tuning"): from the weights of
+    model.init_from (or model.llm.init_from), LoRA adapters on the LLM's attention or the full model.
+    Absent (null) in pretraining configs; finetune.py gives a config without it these defaults."""
+
+    # lora: low-rank adapters on the LLM's attention q, k, v and o (per projection, as the released Emu-I);
+    # every other weight is frozen and checkpoints hold the adapters only. full: every weight trains
+    # (model.*.freeze still apply) and checkpoints are whole, as in pretraining.
+    mode: Literal["lora", "full"] = "lora"
+    lora_rank: int = 16  # r, the adapters' inner width
+    lora_alpha: float = 16.0  # the adapters' update B A x is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.05  # dropout on the adapters' input (training only), in [0, 1)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: Optional[FinetuneConfig] = None  # instruction tuning (emu_mc/finetune.py); null for pretraining
 
     def validate(self) -> "Config":
         """Cross-field rules that a single field's type cannot express."""
@@ -291,6 +309,8 @@ class Config:
                      f"divisible by parallel.tensor_parallel ({tp}) (each TP rank holds whole key/value groups)")
         _require(0.0 <= r.dropout < 1.0, "model.resampler.dropout", "in [0, 1)")
         _require(0.0 <= self.data.max_failure_fraction <= 1.0, "data.max_failure_fraction", "in [0, 1]")
+        if self.finetune is not None:
+            _check_finetune(self.finetune, self.model)
         d = self.data
         check_run_fields(self.train, self.optim)
         _require(d.micro_batch_size >= 1, "data.micro_batch_size", ">= 1")
@@ -321,6 +341,15 @@ def check_run_fields(train: TrainConfig, optim: OptimConfig) -> None:
     _require(train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0 = only at the end and on SIGTERM)")
     _require(train.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", ">= 1")
     _require(train.profile_step >= 0, "train.profile_step", ">= 0 (0 = off)")
+
+
+def _check_finetune(f: FinetuneConfig, model: ModelConfig) -> None:
+    _require(f.lora_rank >= 1, "finetune.lora_rank", ">= 1")
+    _require(f.lora_alpha > 0, "finetune.lora_alpha", "> 0")
+    _require(0.0 <= f.lora_dropout < 1.0, "finetune.lora_dropout", "in [0, 1)")
+    _require(bool(model.init_from or model.llm.init_from), "model.init_from",
+             "the weights to fine-tune when finetune is set: a pretraining run (its out_dir or a step_N/ "
+             "directory), a `convert export --to emu` or `emu1-to-emu` directory; or set model.llm.init_from")
 
 
 def _check_stage_layers(p: ParallelConfig, num_layers: int) -> None:
@@ -491,9 +520,13 @@ def load_tree(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Dict
     return tree
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Read YAML at `path` (or defaults), apply dotted CLI overrides, validate. Raises ConfigError."""
-    return config_from_dict(load_tree(path, overrides))
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), finetune: bool = False) -> Config:
+    """Read YAML at `path` (or defaults), apply dotted CLI overrides, validate. Raises ConfigError.
+    `finetune`: the finetune section gets its defaults when the YAML has none."""
+    tree = load_tree(path, overrides)
+    if finetune and tree.get("finetune") is None:
+        tree["finetune"] = {}
+    return config_from_dict(tree)
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:

@@ -76,6 +76,16 @@ def _type_name(tp: Any) -> Tuple[str, str]:
     return tp.__name__, ""
 
 
+def _optional_section(tp: Any) -> Any:
+    """Optional[Section] -> Section (an optional section, e.g. finetune, is documented as a section)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union and len(args) == 2 and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        if dataclasses.is_dataclass(inner):
+            return inner
+    return tp
+
+
 def _default(f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
         value = f.default
@@ -100,7 +110,7 @@ def sections(cls: type = Config, prefix: str = "",
     own: List[FieldDoc] = []
     nested = []
     for f in dataclasses.fields(cls):
-        tp, name = hints[f.name], f"{prefix}{f.name}"
+        tp, name = _optional_section(hints[f.name]), f"{prefix}{f.name}"
         element = typing.get_args(tp)[0] if typing.get_origin(tp) in (list, List) else None
         if dataclasses.is_dataclass(tp):
             if name not in skip:

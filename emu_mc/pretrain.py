@@ -31,6 +31,8 @@ from emu_mc.run_loop import (EXIT_CONFIG, RunLoop, all_reduce_sum, count_nonfini
 log = logging.getLogger("emu_mc.pretrain")
 
 
+FINETUNE_DESCRIPTION = ("Instruction-tune an Emu-style model: LoRA adapters on the LLM's attention (finetune.mode "
+                        "lora) or every weight (full), from model.init_from.")
 NO_IMAGE_STEPS = 10  # steps in a row without an image after which the run warns (reg is not training)
 
 
@@ -47,10 +49,10 @@ def setup_logging(rank: int) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
-def parse_args(argv):
+def parse_args(argv, description: str = "Pretrain an Emu-style model."):
     from emu_mc.config_docs import HelpConfigAction
 
-    parser = argparse.ArgumentParser(description="Pretrain an Emu-style model.", epilog=
+    parser = argparse.ArgumentParser(description=description, epilog=
                                      "Any config field can be overridden: --model.llm.num_layers 4 --train.steps=50 "
                                      "--data.sources.0.shards PATH; --help-config lists them all (docs/config.md)")
     parser.add_argument("--config", required=True, help="YAML job config (see configs/)")
@@ -94,6 +96,11 @@ def train(cfg: Config) -> dict:
     log.info("accelerators: %s", "; ".join(f"{name}: {how}" for name, how in
                                             accelerators.report(cfg.model.llm.attention_impl).items()))
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.chat_tokens)
+    if cfg.finetune is not None:
+        f = cfg.finetune
+        log.info("fine-tuning from %s: %s", cfg.model.init_from or cfg.model.llm.init_from,
+                 f"LoRA rank {f.lora_rank}, alpha {f.lora_alpha:g}, dropout {f.lora_dropout:g} on the LLM's attention "
+                 "q, k, v, o; everything else frozen" if f.mode == "lora" else "every weight (full)")
     model_chunks, optimizer = build_model_and_optimizer(cfg, special_token_ids(tokenizer), len(tokenizer))
     loader = build_data_loader(cfg, tokenizer, dp_rank=parallel_state.get_data_parallel_rank(),
                                dp_size=parallel_state.get_data_parallel_world_size())
@@ -108,7 +115,9 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
                                    optimizer_checkpoint_format, restore_rng_state, training_state)
     from emu_mc.metrics import (device_peak_flops, flops_per_attention_pair, flops_per_image, flops_per_token,
                                 run_summary)
+    from emu_mc.convert.pretrained import base_identity, check_base_identity
     from emu_mc.model.document_attention import causal_pairs
+    from emu_mc.model.lora import LoRASettings
     from emu_mc.parallel.setup import device, train_step, vision_seconds_per_tp_rank
     from emu_mc.schedule import decay_horizon, lr_at, schedule_change
 
@@ -121,16 +130,21 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     log.info("checkpoints: %s %son SIGTERM, keeping %d; optimizer state %s", checkpointer.root,
              when, cfg.train.keep_checkpoints, optimizer_format)
 
+    # LoRA checkpoints hold adapters only: they record which base they belong to (model.init_from's identity)
+    base = {"base": base_identity(cfg.model)} if LoRASettings.of(cfg.finetune) else {}
+
     def save(step: int) -> None:
         checkpointer.save(step, training_state(model_chunks, optimizer, optimizer_format),
                           {"rng": capture_rng_state(), "data": loader.state_dict(), "counters": dict(counters)},
                           {"config": config_to_dict(cfg), "tp": dims.tp, "pp": dims.pp, "dp": dims.dp,
-                           "optimizer_format": optimizer_format, "vocab_size": vocab_size})
+                           "optimizer_format": optimizer_format, "vocab_size": vocab_size, **base})
 
     start_step, latest = 0, checkpointer.latest()
     if latest is not None:
         meta = checkpointer.read_meta(latest)
-        check_same_model(latest, meta, config_to_dict(cfg)["model"], vocab_size)
+        check_same_model(latest, meta, config_to_dict(cfg), vocab_size)
+        if base and "base" in meta:
+            check_base_identity(meta["base"], cfg.model, latest)
         layout, saved_layout = (dims.tp, dims.pp, dims.dp), (meta["tp"], meta["pp"], meta["dp"])
         _check_reshardable(meta.get("optimizer_format", optimizer_format), saved_layout, layout)
         state, rank_state, meta = checkpointer.load(
@@ -160,7 +174,7 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     peak = device_peak_flops()
     metrics, steps_without_images = {}, 0
     totals, t_start, step = {"tokens": 0.0, "images": 0.0}, time.perf_counter(), start_step - 1
-    with RunLoop(cfg.train, start_step, rank, "pretrain", log) as loop:
+    with RunLoop(cfg.train, start_step, rank, "pretrain" if cfg.finetune is None else "finetune", log) as loop:
         for step in loop.steps():
             lr = lr_at(step, cfg.optim, decay_horizon(cfg.optim, cfg.train.steps))
             t0 = time.perf_counter()
@@ -232,18 +246,27 @@ def _check_reshardable(optimizer_format: str, saved, current) -> None:
             "train.optimizer_checkpoint: fully_reshardable (needs apex or transformer-engine)")
 
 
-def main(argv=None) -> int:
+def main(argv=None, finetune: bool = False) -> int:
+    """The command: pretraining, or with `finetune` instruction tuning (emu_mc/finetune.py: the same
+    run with the config's finetune section, which gets its defaults when absent)."""
+    from emu_mc.convert.pretrained import pin_init_from
     from emu_mc.parallel.groups import ParallelDims
 
     rank = int(os.environ.get("RANK", 0))
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv,
+                                 FINETUNE_DESCRIPTION if finetune else "Pretrain an Emu-style model.")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, finetune=finetune)
+        if cfg.finetune is not None and not finetune:
+            raise ConfigError("finetune: this config instruction-tunes a model; run emu_mc/finetune.py with it "
+                              "(or remove the finetune section to pretrain)")
         if args.print_config:  # the config as resolved, even where its paths exist only elsewhere
             import yaml
 
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
             return 0
+        if finetune:
+            pin_init_from(cfg.model, cfg.train.out_dir)
         check_local_paths(cfg)
         resolve_attention_impl(cfg.model.llm.attention_impl, training=True)  # a backend this machine lacks: exit 2 now
         ParallelDims(int(os.environ.get("WORLD_SIZE", 1)), cfg.parallel.tensor_parallel,

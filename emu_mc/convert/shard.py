@@ -1,4 +1,5 @@
-"""Full (TP=1, PP=1) LLM state dict <-> this rank's shard of a megatron-core GPTModel, any TP x PP.
+"""Full (TP=1, PP=1) LLM state dict <-> this rank's shard of a megatron-core GPTModel, any TP x PP
+(its base weights: LoRA adapters are left out both ways).
 
 Sharding is read off each parameter as megatron-core marks it: `tensor_model_parallel`,
 `partition_dim` (0: column-parallel rows, 1: row-parallel columns) and `partition_stride` (2 for
@@ -35,14 +36,17 @@ def unshard_tensor(shards, dim: int, stride: int) -> torch.Tensor:
 
 
 def _global_names(gpt_model) -> Dict[str, str]:
-    """This rank's parameter name -> its name in the full state dict (pipeline layer offset applied)."""
+    """This rank's parameter name -> its name in the full state dict (pipeline layer offset applied);
+    LoRA adapters (emu_mc/model/lora.py) are not part of it."""
+    from emu_mc.model.lora import is_adapter
+
     layers = gpt_model.decoder.layers
     offset = layers[0].layer_number - 1 if len(layers) else 0
 
     def rename(name):
         m = _LAYER.fullmatch(name)
         return f"decoder.layers.{int(m[1]) + offset}.{m[2]}" if m else name
-    return {name: rename(name) for name, _ in gpt_model.named_parameters()}
+    return {name: rename(name) for name, _ in gpt_model.named_parameters() if not is_adapter(name)}
 
 
 def _tp():

@@ -41,10 +41,12 @@ class EmuModel(MegatronModule):
     def __init__(self, cfg: ModelConfig, ids: SpecialTokenIds, vocab_size: int, *, tp: int = 1, pp: int = 1,
                  pre_process: bool = True, post_process: bool = True, params_dtype=torch.float32,
                  recompute: bool = False, recompute_vision: bool = False, split_vision: bool = True,
-                 stage_layers: tuple = (None, None)):
+                 stage_layers: tuple = (None, None), lora=None):
         """`recompute`: the LLM's layers are recomputed in backward; `recompute_vision`: each ViT block
         and the resampler. `split_vision` (TP > 1): each TP rank encodes its share of the images.
-        `stage_layers`: (first, last) pipeline stage LLM layer counts (PP > 1; None = an even share)."""
+        `stage_layers`: (first, last) pipeline stage LLM layer counts (PP > 1; None = an even share).
+        `lora` (LoRASettings, emu_mc/model/lora.py): LoRA adapters on the LLM's attention q, k, v, o,
+        the only trainable parameters (their init: emu_mc.model.lora.init_adapters)."""
         config = transformer_config(cfg.llm, init_std=cfg.init_std, params_dtype=params_dtype,
                                     recompute=recompute, tp=tp, pp=pp)
         if pp > 1 and stage_layers != (None, None):
@@ -52,7 +54,7 @@ class EmuModel(MegatronModule):
                                          num_layers_in_last_pipeline_stage=stage_layers[1])
         super().__init__(config=config)  # megatron's DDP, schedules and checkpointing read .config
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
-        self.cfg, self.ids, self.vocab_size = cfg, ids, vocab_size
+        self.cfg, self.ids, self.vocab_size, self.lora = cfg, ids, vocab_size, lora
         self.pre_process, self.post_process = pre_process, post_process
         self.reg_target_channel = None  # set by emu_mc.parallel.pipeline when PP > 1
         self.split_vision = split_vision and tp > 1
@@ -67,7 +69,7 @@ class EmuModel(MegatronModule):
         self.llm = build_llm(
             cfg.llm, padded_vocab_size(vocab_size, cfg.llm.make_vocab_size_divisible_by, tp),
             init_std=cfg.init_std, pre_process=pre_process, post_process=post_process,
-            params_dtype=params_dtype, recompute=recompute, tp=tp, pp=pp, config=config,
+            params_dtype=params_dtype, recompute=recompute, tp=tp, pp=pp, config=config, lora=lora,
         )
         if post_process:
             # nn.Linear's default init, as the release's stu_regress_head
@@ -87,6 +89,10 @@ class EmuModel(MegatronModule):
             self.resampler.requires_grad_(False)
         if self.cfg.llm.freeze:
             self.llm.requires_grad_(False)
+        if self.lora is not None:
+            from emu_mc.model.lora import freeze_all_but_adapters
+
+            freeze_all_but_adapters(self)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by megatron's pipeline schedules: the activation received from the previous stage."""
@@ -209,6 +215,11 @@ class EmuModel(MegatronModule):
         if self.pre_process:
             decoder_input = self.embed(batch)
             reg_index, reg_targets = self.regression_targets(decoder_input, batch)
+            if (self.lora is not None and self.config.recompute_granularity and torch.is_grad_enabled()
+                    and not decoder_input.requires_grad):
+                # a frozen embedding gives an input without grad; megatron's recompute (a reentrant
+                # autograd Function) would then pass no gradient to the adapters inside it
+                decoder_input.requires_grad_(True)
             if not self.post_process:
                 self.reg_target_channel.send(reg_targets)
         hidden = llm_hidden_states(self.llm, decoder_input, batch.position_ids, batch.segment_ids)

@@ -58,7 +58,7 @@ def transformer_config(cfg: LLMConfig, *, init_std: float, params_dtype=torch.fl
 
 def build_llm(cfg: LLMConfig, vocab_size: int, *, init_std: float = 0.02, pre_process: bool = True,
               post_process: bool = True, params_dtype=torch.float32, recompute: bool = False,
-              tp: int = 1, pp: int = 1, config=None):
+              tp: int = 1, pp: int = 1, config=None, lora=None):
     """GPTModel for this rank. `vocab_size` is the padded size (see padded_vocab_size).
 
     Tensor parallel (tp > 1): vocab-parallel embedding and output layer, column-parallel QKV and
@@ -66,6 +66,7 @@ def build_llm(cfg: LLMConfig, vocab_size: int, *, init_std: float = 0.02, pre_pr
     num_layers / pp layers; the embedding only when pre_process, final norm and output layer only
     when post_process. `config` (a TransformerConfig) overrides the one built from `cfg`. The model's
     `attention_impl` attribute names the attention backend that runs (cfg.attention_impl resolved).
+    `lora` (LoRASettings, emu_mc/model/lora.py): the attention's q, k, v and o projections carry adapters.
     """
     from megatron.core.models.gpt import GPTModel
 
@@ -78,7 +79,7 @@ def build_llm(cfg: LLMConfig, vocab_size: int, *, init_std: float = 0.02, pre_pr
     impl = resolve_attention_impl(cfg.attention_impl)
     llm = GPTModel(
         config=config,
-        transformer_layer_spec=llm_layer_spec(impl),
+        transformer_layer_spec=llm_layer_spec(impl, lora),
         vocab_size=vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,

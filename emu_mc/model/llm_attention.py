@@ -82,13 +82,21 @@ def _te_attention(config, layer_number, attention_type, softmax_scale, pg_collec
                                  pg_collection=pg_collection)
 
 
-def llm_layer_spec(impl: str):
+def llm_layer_spec(impl: str, lora=None):
     """Megatron's local GPT layer spec (RMSNorm, SwiGLU, no biases) with the core attention of `impl`
-    (a resolved backend: local, sdpa, flex, flash_varlen, te)."""
+    (a resolved backend: local, sdpa, flex, flash_varlen, te); with `lora` (LoRASettings), its
+    linear_qkv and linear_proj carry LoRA adapters (emu_mc/model/lora.py)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention = spec.submodules.self_attention.submodules
     if impl != "local":
-        spec.submodules.self_attention.submodules.core_attention = functools.partial(DocumentAttention, impl=impl)
+        attention.core_attention = functools.partial(DocumentAttention, impl=impl)
+    if lora is not None:
+        from emu_mc.model.lora import LoRAProjLinear, LoRAQKVLinear
+
+        attention.linear_qkv = functools.partial(LoRAQKVLinear, lora=lora)  # SelfAttention calls it
+        attention.linear_proj = ModuleSpec(module=LoRAProjLinear, params={"lora": lora})  # build_module builds it
     return spec
 

@@ -78,8 +78,11 @@ def _sync_replicas(model: EmuModel) -> None:
 
 
 def build_model(cfg: Config, ids: SpecialTokenIds, vocab_size: int) -> EmuModel:
-    """This rank's EmuModel stage on its device, replicas synchronised, pretrained weights loaded."""
+    """This rank's EmuModel stage on its device, replicas synchronised, pretrained weights loaded; with
+    finetune.mode lora, fresh LoRA adapters (seeded by train.seed) on a frozen base."""
     from megatron.core import parallel_state as ps
+
+    from emu_mc.model.lora import LoRASettings, init_adapters
 
     params_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     model = EmuModel(
@@ -89,11 +92,14 @@ def build_model(cfg: Config, ids: SpecialTokenIds, vocab_size: int) -> EmuModel:
         params_dtype=params_dtype, recompute=cfg.train.recompute_activations,
         recompute_vision=cfg.train.recompute_vision, split_vision=cfg.parallel.vision_layout == "split",
         stage_layers=(cfg.parallel.llm_layers_first_stage, cfg.parallel.llm_layers_last_stage),
+        lora=LoRASettings.of(cfg.finetune),
     ).to(device())
     model.reg_target_channel = RegressionTargetChannel.create()
     model.vision_timer = RegionTimer() if model.pre_process else None
     _sync_replicas(model)
     _load_pretrained(model, cfg)
+    if model.lora is not None:
+        init_adapters(model.llm, cfg.train.seed)
     return model
 
 

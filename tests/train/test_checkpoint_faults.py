@@ -50,15 +50,15 @@ def test_a_changed_model_is_named_field_by_field():
     run = config_to_dict(load_config(CONFIG, ["--model.llm.num_layers", "4", "--model.llm.ffn_hidden_size", "96",
                                               "--model.llm.freeze", "true", "--model.resampler.dropout", "0.1"]))
     with pytest.raises(ConfigError) as err:
-        check_same_model("runs/x/step_000002", saved, run["model"], vocab_size=100)
+        check_same_model("runs/x/step_000002", saved, run, vocab_size=100)
     message = str(err.value)
     assert ("model.llm.ffn_hidden_size: checkpoint 172, this run 96; model.llm.num_layers: checkpoint 2, this run 4)"
             in message), message
     assert "freeze" not in message and "dropout" not in message  # may change on resume (a new training stage)
     assert "Resume with the checkpoint's model config, or set another train.out_dir" in message
     with pytest.raises(ConfigError, match="tokenizer vocabulary: checkpoint 100 tokens, this run 101"):
-        check_same_model("x", saved, saved["config"]["model"], vocab_size=101)
-    check_same_model("x", saved, saved["config"]["model"], vocab_size=100)
+        check_same_model("x", saved, saved["config"], vocab_size=101)
+    check_same_model("x", saved, saved["config"], vocab_size=100)
 
 
 @pytest.mark.parametrize("latest", [b"garbage text", b"\xff\xfe\x00binary", b"", b"step_000009", b"../step_000001"])

@@ -149,16 +149,21 @@ def run_layout(args, run):
     ps.destroy_model_parallel()
 
 
-def main():
-    from megatron.core import parallel_state as ps
-
+def parse_args():
+    """--init, --out, --save-init, --runs, --set as the module docstring says."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--init", required=True)
     parser.add_argument("--out")
     parser.add_argument("--save-init", action="store_true")
     parser.add_argument("--runs", type=json.loads, default=[])
     parser.add_argument("--set", type=json.loads, default=[])
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    from megatron.core import parallel_state as ps
+
+    args = parse_args()
 
     if args.save_init:
         init_distributed(1, 1, seed=1234)
