@@ -505,8 +505,9 @@ def load_checkpoint_model(step_dir: str, *, tp: int = 1, tokenizer: Optional[str
 def load_model_weights(model, step_dir: str) -> None:
     """The weights of the pretraining or full fine-tuning checkpoint `step_dir` into this rank's
     EmuModel stage `model` (any TP x PP: dist_checkpointing reshards); adapters of `model` are left
-    as they are. Collective. Raises CheckpointConfigError for a LoRA checkpoint (adapters only) or
-    another vocabulary size, CheckpointLoadError for a damaged one."""
+    as they are. A checkpoint with fewer tokens in the same padded rows (the chat tokens added since)
+    loads, its new rows starting at the mean row. Collective. Raises CheckpointConfigError for a LoRA
+    checkpoint (adapters only) or a vocabulary that does not fit, CheckpointLoadError for a damaged one."""
     from emu_mc.model.lora import is_adapter
 
     checkpointer = Checkpointer.of_step(step_dir)
@@ -515,8 +516,9 @@ def load_model_weights(model, step_dir: str) -> None:
         raise CheckpointConfigError(f"{step_dir} holds LoRA adapters only; fold them into their base first: "
                                     f"python -m emu_mc.convert export --checkpoint {step_dir} --to emu --out DIR, "
                                     "then start from DIR")
-    if meta.get("vocab_size", model.vocab_size) != model.vocab_size:
-        raise CheckpointConfigError(f"{step_dir} has a {meta['vocab_size']}-token vocabulary, this model "
+    saved_vocab = meta.get("vocab_size", model.vocab_size)
+    if saved_vocab != model.vocab_size and not _same_padded_vocab(model, saved_vocab):
+        raise CheckpointConfigError(f"{step_dir} has a {saved_vocab}-token vocabulary, this model "
                                     f"{model.vocab_size}: export it (python -m emu_mc.convert export --to emu) "
                                     "and start from the export, whose vocabulary grows to the tokenizer's")
     base = {k: v for k, v in model.sharded_state_dict().items() if not is_adapter(k)}
@@ -525,3 +527,35 @@ def load_model_weights(model, step_dir: str) -> None:
     if unexpected or any(not is_adapter(k) for k in missing):
         raise CheckpointConfigError(f"{step_dir}: unexpected {list(unexpected)[:3]}, missing "
                                     f"{[k for k in missing if not is_adapter(k)][:3]}")
+    if saved_vocab < model.vocab_size:
+        mean_init_vocab_rows(model, saved_vocab)
+
+
+def _same_padded_vocab(model, saved_vocab: int) -> bool:
+    """A checkpoint of `saved_vocab` tokens has this model's padded embedding shapes (and fewer tokens)."""
+    from emu_mc.model.llm import padded_vocab_size
+
+    divisible_by = model.cfg.llm.make_vocab_size_divisible_by
+    return saved_vocab < model.vocab_size and padded_vocab_size(saved_vocab, divisible_by, model.tp_size) == \
+        padded_vocab_size(model.vocab_size, divisible_by, model.tp_size)
+
+
+@torch.no_grad()
+def mean_init_vocab_rows(model, old_vocab: int) -> None:
+    """Rows [old_vocab, model.vocab_size) of this stage's embedding and output layer (vocab-parallel
+    shards [V_local, H]) set to the mean of rows [0, old_vocab), computed in fp32 over all TP ranks: the
+    release's init of added tokens, what `add_vocab_rows` does to a whole state dict."""
+    from megatron.core import parallel_state
+
+    from emu_mc.model.llm import output_weight
+
+    weights = [model.llm.embedding.word_embeddings.weight] if model.pre_process else []
+    if model.post_process and not any(output_weight(model.llm) is w for w in weights):
+        weights.append(output_weight(model.llm))
+    for weight in weights:
+        v_local = weight.shape[0]
+        ids = torch.arange(v_local, device=weight.device) + parallel_state.get_tensor_model_parallel_rank() * v_local
+        total = weight[ids < old_vocab].float().sum(0)
+        if model.tp_size > 1:
+            torch.distributed.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+        weight[(ids >= old_vocab) & (ids < model.vocab_size)] = (total / old_vocab).to(weight.dtype)

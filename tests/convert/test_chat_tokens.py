@@ -47,12 +47,33 @@ def test_init_from_a_model_without_them_starts_their_rows_at_the_mean(single_pro
         assert torch.allclose(grown[name][len(tokenizer):], rows.mean(0, keepdim=True).expand(2, -1))
 
 
+def test_a_checkpoints_missing_rows_start_at_the_mean_row(single_process_world, tiny_cfg, tokenizer, special_ids):
+    """init_from a training checkpoint without the chat tokens (same padded rows): mean_init_vocab_rows
+    sets exactly the rows of the added tokens, in the embedding and the output layer, to their mean."""
+    from emu_mc.checkpoint import _same_padded_vocab, mean_init_vocab_rows
+    from emu_mc.model.emu import EmuModel
+
+    chat = load_tokenizer("tiny", chat_tokens=True)
+    cfg = copy.deepcopy(tiny_cfg.model)
+    cfg.chat_tokens = True
+    torch.manual_seed(0)
+    model = EmuModel(cfg, special_token_ids(chat), len(chat))
+    assert _same_padded_vocab(model, len(tokenizer)) and not _same_padded_vocab(model, len(chat) - 200)
+    before = gather_llm_state(model.llm, len(chat))
+    mean_init_vocab_rows(model, len(tokenizer))
+    after = gather_llm_state(model.llm, len(chat))
+    for name in (EMBEDDING, OUTPUT):
+        assert torch.equal(after[name][:len(tokenizer)], before[name][:len(tokenizer)])
+        torch.testing.assert_close(after[name][len(tokenizer):],
+                                   before[name][:len(tokenizer)].mean(0, keepdim=True).expand(2, -1))
+
+
 def test_checkpoints_written_before_the_field_still_resume(tiny_cfg):
-    model = config_to_dict(tiny_cfg)["model"]
-    old = copy.deepcopy(model)
-    del old["chat_tokens"]
-    check_same_model("x", {"config": {"model": old}}, model, vocab_size=515)
-    tuned = copy.deepcopy(model)
-    tuned["chat_tokens"] = True
+    config = config_to_dict(tiny_cfg)
+    old = copy.deepcopy(config)
+    del old["model"]["chat_tokens"]
+    check_same_model("x", {"config": old}, config, vocab_size=515)
+    tuned = copy.deepcopy(config)
+    tuned["model"]["chat_tokens"] = True
     with pytest.raises(ConfigError, match="chat_tokens"):
-        check_same_model("x", {"config": {"model": old}}, tuned, vocab_size=515)
+        check_same_model("x", {"config": old}, tuned, vocab_size=515)

@@ -213,10 +213,10 @@ def test_adapters_follow_a_moved_base_and_refuse_a_changed_one(lora_run, base, t
     (["--model.init_from", "''"], "model.init_from: must be the weights to fine-tune"),
     (["--model.init_from", "/nonexistent/run"], "model.init_from: '/nonexistent/run' is not a directory"),
 ], ids=["mode", "dropout", "no_base", "missing_base"])
-def test_a_bad_finetune_config_is_one_line_and_exit_2(args, message, capsys):
+def test_a_bad_finetune_config_is_one_line_and_exit_2(args, message, capsys, tmp_path):
     from emu_mc.finetune import main
 
-    assert main(["--config", CONFIG, *args]) == 2
+    assert main(["--config", CONFIG, "--train.out_dir", str(tmp_path / "run"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("config error: ") and message in err and "\n" not in err, err
 
