@@ -22,7 +22,7 @@ the answers and the `</s>` that ends each are training targets (docs/chat_data.m
 """
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from emu_mc.data.errors import BAD_JSON, MISSING_KEY, SampleError
 from emu_mc.data.sources import IMAGE_EXTS, VIDEO_EXTS, Files, Image, Segment, Text, Video, _first, _json
