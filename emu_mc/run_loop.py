@@ -160,11 +160,13 @@ def all_reduce_sum(values, device) -> list:
 
 def run_with_exit_code(train: Callable[[], object], rank: int) -> int:
     """train(), its expected failures as one line from rank 0 and an exit code (see EXIT_*); the
-    process groups are destroyed in any case."""
+    process groups it set up are destroyed in any case (a world that existed before, e.g. a caller's
+    in the same process, is left as it was)."""
     from emu_mc.checkpoint import CheckpointLoadError, CheckpointSaveError
     from emu_mc.config import ConfigError
     from emu_mc.convert.errors import ConversionError
 
+    ours = not dist.is_initialized()
     try:
         train()
     except (ConfigError, ConversionError) as err:  # ConversionError: init_from weights that do not fit
@@ -175,8 +177,9 @@ def run_with_exit_code(train: Callable[[], object], rank: int) -> int:
         return report(rank, "interrupted by a second Ctrl-C: no checkpoint written for the steps since the last one",
                       EXIT_INTERRUPTED)
     finally:
-        from emu_mc.parallel.groups import destroy_distributed
-        destroy_distributed()
+        if ours:
+            from emu_mc.parallel.groups import destroy_distributed
+            destroy_distributed()
     return 0
 
 
