@@ -243,22 +243,17 @@ def run_command(command, args) -> int:
     """Run `command(args)` as a CLI: logging set up, bad input -> one `error:` line from rank 0 and exit
     code 2 (a damaged checkpoint: 1), the process group it created torn down. Shared with emu_mc.evaluate."""
     from emu_mc.checkpoint import CheckpointLoadError
+    from emu_mc.parallel.groups import process_groups_torn_down
     from emu_mc.pretrain import setup_logging
 
-    import torch.distributed as dist
-
     setup_logging(int(os.environ.get("RANK", "0")))
-    ours = not dist.is_initialized()  # called from Python with a world already set up: leave it be
-    try:
-        return command(args)
-    except (GenerationInputError, CheckpointLoadError) as err:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same bad input
-            print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, GenerationInputError) else 1
-    finally:
-        if ours:
-            from emu_mc.parallel.groups import destroy_distributed
-            destroy_distributed()
+    with process_groups_torn_down():
+        try:
+            return command(args)
+        except (GenerationInputError, CheckpointLoadError) as err:
+            if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same bad input
+                print(f"error: {err}", file=sys.stderr)
+            return 2 if isinstance(err, GenerationInputError) else 1
 
 
 if __name__ == "__main__":

@@ -165,21 +165,18 @@ def run_with_exit_code(train: Callable[[], object], rank: int) -> int:
     from emu_mc.checkpoint import CheckpointLoadError, CheckpointSaveError
     from emu_mc.config import ConfigError
     from emu_mc.convert.errors import ConversionError
+    from emu_mc.parallel.groups import process_groups_torn_down
 
-    ours = not dist.is_initialized()
-    try:
-        train()
-    except (ConfigError, ConversionError) as err:  # ConversionError: init_from weights that do not fit
-        return report(rank, f"config error: {err}", EXIT_CONFIG)
-    except (TrainingDiverged, CheckpointLoadError, CheckpointSaveError, RunStopped) as err:
-        return report(rank, f"run stopped: {err}", EXIT_STOPPED)
-    except KeyboardInterrupt:
-        return report(rank, "interrupted by a second Ctrl-C: no checkpoint written for the steps since the last one",
-                      EXIT_INTERRUPTED)
-    finally:
-        if ours:
-            from emu_mc.parallel.groups import destroy_distributed
-            destroy_distributed()
+    with process_groups_torn_down():
+        try:
+            train()
+        except (ConfigError, ConversionError) as err:  # ConversionError: init_from weights that do not fit
+            return report(rank, f"config error: {err}", EXIT_CONFIG)
+        except (TrainingDiverged, CheckpointLoadError, CheckpointSaveError, RunStopped) as err:
+            return report(rank, f"run stopped: {err}", EXIT_STOPPED)
+        except KeyboardInterrupt:
+            return report(rank, "interrupted by a second Ctrl-C: no checkpoint written for the steps since the last "
+                          "one", EXIT_INTERRUPTED)
     return 0
 
 

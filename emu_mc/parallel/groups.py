@@ -3,6 +3,7 @@
 Works from torchrun (env:// rendezvous) and in a plain single process (world of 1). NCCL with CUDA,
 gloo without; on CPU the megatron compatibility layer (cpu_compat) is enabled first.
 """
+import contextlib
 import datetime
 import logging
 import os
@@ -62,6 +63,18 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_groups_torn_down():
+    """Destroy, on leaving, the process groups set up inside the block; a world that already existed
+    (a caller's in the same process, e.g. a test's) is left as it was."""
+    ours = not dist.is_initialized()
+    try:
+        yield
+    finally:
+        if ours:
+            destroy_distributed()
 
 
 def _free_port() -> int:
