@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Dict, List
 
+import numpy as np
+
 from emu_mc.evaluate import paper
 from emu_mc.evaluate.datasets import Example, check_media
 from emu_mc.evaluate.predictions import RankWriter, read_finished, shard, write_merged
@@ -140,36 +142,36 @@ def score(task: Task, args, records: Dict[str, dict], examples: Dict[str, Exampl
     if task.kind != "t2i":
         metrics = score_text(task, {k: r["prediction"] for k, r in records.items()}, examples, args.caption_tokenizer)
     else:
-        images = {k: r["image"] for k, r in records.items() if "image" in r}
-        metrics = {"FID": fid_score(args.inception, images, examples, device)}
+        generated = {k: read_rgb(r["image"]) for k, r in records.items() if "image" in r}  # decoded once
+        metrics = {"FID": fid_score(args.inception, generated, examples, device)}
         if args.clip:
-            metrics["CLIP score"] = t2i_clip_score(args.clip, images, examples, device)
+            metrics["CLIP score"] = t2i_clip_score(args.clip, generated, examples, device)
     return {**metrics, "errors": errors}
 
 
-def fid_score(inception: str, images: Dict[str, str], examples: Dict[str, Example], device) -> float:
-    """FID of the generated PNGs (id -> path) against the examples' reference images."""
-    import numpy as np
+def read_rgb(path: str) -> np.ndarray:
+    """An image file -> uint8 [H, W, 3]."""
     from PIL import Image
 
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def fid_score(inception: str, generated: Dict[str, np.ndarray], examples: Dict[str, Example], device) -> float:
+    """FID of the generated images (id -> uint8 [H, W, 3]) against the examples' reference images."""
     from emu_mc.evaluate.fid import frechet_distance, inception_features, load_inception
 
-    def features(paths):
-        return inception_features(net, [np.asarray(Image.open(p).convert("RGB")) for p in paths], device)
-
     net = load_inception(inception, device)
-    return frechet_distance(features(images.values()), features(examples[k].media for k in images))
+    references = [read_rgb(examples[k].media) for k in generated]
+    return frechet_distance(inception_features(net, list(generated.values()), device),
+                            inception_features(net, references, device))
 
 
-def t2i_clip_score(clip_dir: str, images: Dict[str, str], examples: Dict[str, Example], device) -> float:
-    """Mean CLIP score of the generated PNGs (id -> path) against the captions that prompted them."""
-    import numpy as np
-    from PIL import Image
-
+def t2i_clip_score(clip_dir: str, generated: Dict[str, np.ndarray], examples: Dict[str, Example], device) -> float:
+    """Mean CLIP score of the generated images (id -> uint8 [H, W, 3]) against the captions that prompted them."""
     from emu_mc.evaluate.clip_score import clip_score, load_clip
 
-    pixels = [np.asarray(Image.open(path).convert("RGB")) for path in images.values()]
-    return clip_score(load_clip(clip_dir, device), pixels, [examples[k].references[0] for k in images], device)
+    return clip_score(load_clip(clip_dir, device), list(generated.values()),
+                      [examples[k].references[0] for k in generated], device)
 
 
 def run(args) -> int:
