@@ -53,8 +53,8 @@ bench: env
 # tests, into .whl/ (ignored); benchmarks/gpu_checks.sh installs them there. Needs internet (here).
 GPU_KIT = megatron-core==0.16.1 webdataset==1.0.2 braceexpand==0.1.7 liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 # decoder-bench's diffusers and what it imports that a bare torch image lacks (numpy, filelock, fsspec,
-# packaging, typing-extensions come with torch)
-GPU_KIT += diffusers==0.42.1 huggingface-hub==2.4.0 hf-xet==1.8.0 httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 \
+# packaging, typing-extensions come with torch); huggingface-hub below 2 because the image's transformers requires it
+GPU_KIT += diffusers==0.42.1 huggingface-hub==1.33.0 hf-xet==1.8.0 httpx==0.28.1 httpcore==1.0.9 httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 \
 	anyio==4.16.0 click==8.5.1 lazy-importer==0.1.0 truststore==0.10.5 safetensors==0.8.0 regex==2026.11.19 \
 	pillow==13.0.0 requests==2.34.2 urllib3==2.8.0 idna==3.20 certifi==2026.10.19.post1 charset-normalizer==3.5.3 \
 	importlib-metadata==10.2.0 zipp==4.1.2 pyyaml==6.0.4 tqdm==4.70.1
