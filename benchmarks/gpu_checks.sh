@@ -37,13 +37,13 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 12")
 # name | timeout (s) | command, in priority order. {tag} becomes the GPU tag (h100, h200, ...).
 STEPS=(
   "environment|15|nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
-  "kernel-tests|100|$PY -m pytest tests/kernels -q -ra -p no:cacheprovider -p no:benchmark $XDIST --durations=8 --junitxml=$RESULTS/kernel_tests_{tag}.xml"
+  "kernel-tests|115|$PY -m pytest tests/kernels -q -ra -p no:cacheprovider -p no:benchmark $XDIST --durations=8 --junitxml=$RESULTS/kernel_tests_{tag}.xml"
   "resampler-bench|60|$PY benchmarks/resampler_bench.py --batch 1024 --out $RESULTS/resampler_bench_{tag}.json"
   "loss-bench|60|$PY benchmarks/loss_bench.py --rows 4096 16384 --vocab 32000 --out $RESULTS/loss_bench_{tag}.json"
   "attention-bench|40|$PY benchmarks/attention_bench.py --out $RESULTS/attention_bench_{tag}.json"
   "train-bench-1b|110|$PY benchmarks/train_bench.py --config configs/bench_1b.yaml --steps 8 --warmup 3 --variants fused fused-local-attn --profile-step 6 --out $RESULTS/train_bench_{tag}.json"
   "generate-bench|40|$PY benchmarks/generate_bench.py --batch-sizes 1 --new-tokens 16 --reps 1 --out $RESULTS/generate_bench_{tag}.json"
-  "resampler-tune|60|$PY benchmarks/resampler_tune.py --out $RESULTS/resampler_tune_bench_{tag}.json"
+  "resampler-tune|45|$PY benchmarks/resampler_tune.py --out $RESULTS/resampler_tune_bench_{tag}.json"
   "decoder-bench|40|$PY benchmarks/decoder_bench.py --out $RESULTS/decoder_bench_{tag}.json"
 )
 

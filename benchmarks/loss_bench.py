@@ -16,6 +16,7 @@ Implementations:
   ours     emu_mc.kernels.mixed_loss.mixed_ce_regression_loss over the text rows, as the model calls it
            (text_index = the rows with a target, found in the timed call; CUDA only)
   ours_all the same op over all N rows (no text_index: no host sync at all)
+  ours_<M>m `ours` with M MiB logit chunks instead of the op's default (--chunk-mib M ...: the tuning knob)
 Reported per row: median ms of forward+backward; peak memory above the inputs (MiB: logits, gradients and
 workspaces; CUDA allocator peak, on CPU the profiler's allocation trace); |total - eager total|; time
 and memory relative to eager and to ours (row / ours: above 1 means ours is faster or smaller).
@@ -27,6 +28,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from emu_mc.kernels import mixed_loss
 from emu_mc.kernels.mixed_loss import mixed_ce_regression_loss
 
 from bench_common import add_kernel_bench_args, device_name, kernel_bench_setup, peak_mib, save_results, time_ms
@@ -75,7 +77,18 @@ def cce():
                                         + mse(h, rw, ri, rt))
 
 
-def implementations(cuda):
+def with_chunk_mib(loss, mib):
+    """loss, run with `mib` MiB logit chunks in the fused op."""
+    def run(*inputs):
+        default, mixed_loss._CHUNK_BYTES_CUDA = mixed_loss._CHUNK_BYTES_CUDA, mib * 2 ** 20
+        try:
+            return loss(*inputs)
+        finally:
+            mixed_loss._CHUNK_BYTES_CUDA = default
+    return run
+
+
+def implementations(cuda, chunk_mibs=()):
     """({name: loss(hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets) -> total},
     {name: why it is not run})."""
     impls = {"eager": eager, "compile": torch.compile(eager, dynamic=False)}
@@ -89,6 +102,7 @@ def implementations(cuda):
         impls["ours"] = lambda h, w, t, *rest: mixed_ce_regression_loss(
             h, w, t, *rest, ignore_index=IGNORE, text_index=(t != IGNORE).nonzero().squeeze(1))[0]
         impls["ours_all"] = lambda *inputs: mixed_ce_regression_loss(*inputs, ignore_index=IGNORE)[0]
+        impls |= {f"ours_{mib}m": with_chunk_mib(impls["ours"], mib) for mib in chunk_mibs}
     else:
         missing["ours"] = missing["ours_all"] = "no CUDA (the Triton interpreter is an emulator: not timed)"
     return impls, missing
@@ -128,11 +142,11 @@ def bench_case(N, V, H, impls, dtype, cuda, device, reps):
 
 
 def format_table(rows):
-    header = (f"{'V':>6s} {'N':>6s} {'impl':8s} {'ms':>10s} {'peak MiB':>10s} {'|err|':>8s} {'t/eager':>8s} {'m/eager':>8s} "
+    header = (f"{'V':>6s} {'N':>6s} {'impl':10s} {'ms':>10s} {'peak MiB':>10s} {'|err|':>8s} {'t/eager':>8s} {'m/eager':>8s} "
               f"{'t/ours':>7s} {'m/ours':>7s}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        start = f"{r['V']:6d} {r['N']:6d} {r['impl']:8s}"
+        start = f"{r['V']:6d} {r['N']:6d} {r['impl']:10s}"
         if "skipped" in r:
             lines.append(f"{start} skipped: {r['skipped']}")
             continue
@@ -147,13 +161,15 @@ def main():
     parser.add_argument("--rows", type=int, nargs="+", help="N (default 4096 16384 65536; quick: 256 1024 4096)")
     parser.add_argument("--vocab", type=int, nargs="+", help="V (default 32000 4000; quick: 4096)")
     parser.add_argument("--hidden", type=int, help="H = E (default 5120; quick: 256)")
+    parser.add_argument("--chunk-mib", type=int, nargs="+", default=[],
+                        help="also time ours with these logit chunk sizes (MiB; CUDA)")
     add_kernel_bench_args(parser, "loss", reps=5)
     args = parser.parse_args()
     cuda, quick, device, dtype = kernel_bench_setup(args)
     sizes = args.rows or ([256, 1024, 4096] if quick else [4096, 16384, 65536])
     vocabs = args.vocab or ([4096] if quick else [32000, 4000])
     H = args.hidden or (256 if quick else 5120)
-    impls, missing = implementations(cuda)
+    impls, missing = implementations(cuda, args.chunk_mib)
     notes = [f"{device_name()}, {dtype}, H=E={H}, R=N/4 regression rows, 1/8 of text rows ignored, "
              f"V sweep {vocabs} x N sweep {sizes}; forward+backward"]
     notes += [f"not run: {name}: {why}" for name, why in missing.items()]

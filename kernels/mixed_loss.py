@@ -25,10 +25,11 @@ Design (v2): chunked, gradients computed in the forward (the Liger-Kernel scheme
   forward, per chunk of rows (all rows, or the rows of `text_index` when the caller knows them: skipping
   ignored rows takes their count on the host, which the op itself never asks for):
     logits = hidden_chunk @ W^T                      cuBLAS, input dtype out (fp32 accumulate)
-    _row_stats_kernel: per row max, sum exp and the target's logit over the valid columns (fp32);
-      with tp_group the ranks combine them here (all-reduce max, rescale, all-reduce sum)
-    _logit_grad_kernel: overwrites the logits in place with softmax - onehot(target) (0 in padded
-      columns and ignored rows), rounded once to the input dtype
+    _row_ce_kernel (one rank holds the vocabulary): per row, max and sum exp (fp32, online), the CE, and
+      the row overwritten in place with softmax - onehot(target) (0 in padded columns and ignored rows),
+      rounded once to the input dtype: one program reads its row twice, the second time from L2
+    with tp_group the same in two kernels around the combine of the ranks' stats: _row_stats_kernel (max,
+      sum exp, target logit of this shard), all-reduce max, rescale, all-reduce sum, _logit_grad_kernel
     grad_hidden[chunk] = grad_logits @ W;  grad_W += grad_logits^T @ hidden_chunk (addmm, in place)
   regression, this rank's rows: residual = hidden[rows] @ head^T - targets (matmul in the input
     dtype, residual fp32); grads residual @ head and residual^T @ hidden[rows] in the input dtype; with
@@ -41,8 +42,9 @@ Why this and not Cut Cross-Entropy's recompute-in-backward: the three N x V x H 
 each at N = 16384, V = 32000, H = 5120) are the whole cost; cuBLAS runs them at tensor-core peak, while
 a fused Triton tile kernel has to match it with wgmma and then reduce grad_W over row blocks (locks or a
 second pass) and recompute the logits (a fourth product); CCE measured 2.9x eager on the H100 here,
-Liger's chunked scheme 0.83x. The Triton part is the memory-bound row pass: two reads and one write of
-each chunk (3 GiB of traffic in all at N = 16384, V = 32000 bf16: ~1 ms on an H100).
+Liger's chunked scheme 0.83x. The Triton part is the memory-bound row pass: at most two reads and one
+write of each chunk from HBM (3 GiB at N = 16384, V = 32000 bf16: ~1 ms on an H100; the one-rank kernel's
+second read mostly hits L2).
 Chunk size: rows such that a chunk of logits takes <= 128 MiB (2048 rows at V = 32000 bf16). The
 memory target is Cut Cross-Entropy's peak + 128 MiB, and the returned gradients (hidden, W, head: 522
 MiB at N = 16384) are most of that peak, so the chunk is the budget left; 2048 x 32000 outputs are still
@@ -160,13 +162,9 @@ def mixed_ce_regression_loss_reference(
 # Vocabulary sizes are constexprs (fixed for a run): a loop bound passed as a runtime int breaks triton
 # 3.6's interpreter (it converts the bound from a 1-element numpy array).
 @triton.jit
-def _row_stats_kernel(logits_ptr, targets_ptr, max_ptr, sum_exp_ptr, target_logit_ptr, stride_logits,
-                      vocab_start, ignore_index, V_VALID: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Program i reads row i of a logits chunk [rows, V_local] (input dtype) and writes, fp32: the max
-    and the sum of exp(logit - max) over the columns below V_VALID (-inf and 0 when V_VALID is 0), and
-    the logit of the row's target when this shard holds it, else 0."""
-    row = tl.program_id(0).to(tl.int64)
-    row_logits = logits_ptr + row * stride_logits
+def _row_max_sum_exp(row_logits, V_VALID: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(max, sum of exp(logit - max)) fp32 over the first V_VALID columns of one row (-inf and 0 when
+    V_VALID is 0), online over BLOCK_V-column blocks."""
     row_max = float("-inf")
     sum_exp = 0.0
     for v in range(0, V_VALID, BLOCK_V):  # every block holds >= 1 valid column: block_max is finite
@@ -175,10 +173,60 @@ def _row_stats_kernel(logits_ptr, targets_ptr, max_ptr, sum_exp_ptr, target_logi
         new_max = tl.maximum(row_max, tl.max(z, axis=0))
         sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
         row_max = new_max
+    return row_max, sum_exp
+
+
+@triton.jit
+def _target_logit(row_logits, targets_ptr, row, vocab_start, ignore_index, V_VALID: tl.constexpr):
+    """(the row's target column in this shard, whether the row has a target, its logit fp32 when this
+    shard holds it, else 0)."""
     target = tl.load(targets_ptr + row)
     local = target - vocab_start
     owned = (target != ignore_index) & (local >= 0) & (local < V_VALID)
     target_logit = tl.load(row_logits + tl.where(owned, local, 0), mask=owned, other=0.0).to(tl.float32)
+    return local, target != ignore_index, target_logit
+
+
+@triton.jit
+def _write_row_grad(row_logits, local, valid, lse, V_LOCAL: tl.constexpr, V_VALID: tl.constexpr,
+                    BLOCK_V: tl.constexpr):
+    """Overwrites one row of logits with softmax - onehot(local) (fp32 from the row's lse, rounded to the
+    logits' dtype); 0 in columns >= V_VALID and everywhere when not `valid`."""
+    for v in range(0, V_LOCAL, BLOCK_V):
+        cols = v + tl.arange(0, BLOCK_V)
+        z = tl.load(row_logits + cols, mask=cols < V_LOCAL, other=0.0).to(tl.float32)
+        grad = tl.exp(z - lse) - tl.where(cols == local, 1.0, 0.0)
+        grad = tl.where((cols < V_VALID) & valid, grad, 0.0)
+        tl.store(row_logits + cols, grad.to(row_logits.dtype.element_ty), mask=cols < V_LOCAL)
+
+
+@triton.jit
+def _row_ce_kernel(logits_ptr, targets_ptr, ce_ptr, stride_logits, ignore_index, V: tl.constexpr,
+                   V_VALID: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    """One rank holds the whole vocabulary. Program i reads row i of a logits chunk [rows, V] (input
+    dtype), writes its CE (fp32, 0 for an ignored row) to ce_ptr[i] and, with WRITE_GRAD, overwrites
+    the row with its unscaled gradient softmax - onehot(target) (as `_write_row_grad`). The second pass
+    over the row follows the first within the program, so it reads the row from L2 rather than HBM."""
+    row = tl.program_id(0).to(tl.int64)
+    row_logits = logits_ptr + row * stride_logits
+    row_max, sum_exp = _row_max_sum_exp(row_logits, V_VALID, BLOCK_V)
+    local, valid, target_logit = _target_logit(row_logits, targets_ptr, row, 0, ignore_index, V_VALID)
+    lse = row_max + tl.log(sum_exp)
+    tl.store(ce_ptr + row, tl.where(valid, lse - target_logit, 0.0))
+    if WRITE_GRAD:
+        _write_row_grad(row_logits, local, valid, lse, V, V_VALID, BLOCK_V)
+
+
+@triton.jit
+def _row_stats_kernel(logits_ptr, targets_ptr, max_ptr, sum_exp_ptr, target_logit_ptr, stride_logits,
+                      vocab_start, ignore_index, V_VALID: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Vocab-parallel pass 1. Program i reads row i of a logits chunk [rows, V_local] (input dtype) and
+    writes, fp32: the max and the sum of exp(logit - max) over this shard's columns below V_VALID, and
+    the logit of the row's target when this shard holds it, else 0."""
+    row = tl.program_id(0).to(tl.int64)
+    row_logits = logits_ptr + row * stride_logits
+    row_max, sum_exp = _row_max_sum_exp(row_logits, V_VALID, BLOCK_V)
+    _, _, target_logit = _target_logit(row_logits, targets_ptr, row, vocab_start, ignore_index, V_VALID)
     tl.store(max_ptr + row, row_max)
     tl.store(sum_exp_ptr + row, sum_exp)
     tl.store(target_logit_ptr + row, target_logit)
@@ -187,21 +235,13 @@ def _row_stats_kernel(logits_ptr, targets_ptr, max_ptr, sum_exp_ptr, target_logi
 @triton.jit
 def _logit_grad_kernel(logits_ptr, targets_ptr, lse_ptr, stride_logits, vocab_start, ignore_index,
                        V_LOCAL: tl.constexpr, V_VALID: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Program i overwrites row i of a logits chunk [rows, V_local] with the unscaled gradient of the
-    row's CE, softmax(logits) - onehot(target), computed in fp32 from the row's global logsumexp
-    lse [rows] and rounded to the input dtype; 0 in columns >= V_VALID and in ignored rows."""
+    """Vocab-parallel pass 2. Program i overwrites row i of a logits chunk [rows, V_local] with the
+    unscaled gradient of the row's CE (`_write_row_grad`) from the row's global logsumexp lse [rows]."""
     row = tl.program_id(0).to(tl.int64)
-    row_logits = logits_ptr + row * stride_logits
     target = tl.load(targets_ptr + row)
-    valid = target != ignore_index
-    local = target - vocab_start
     lse = tl.load(lse_ptr + row)
-    for v in range(0, V_LOCAL, BLOCK_V):
-        cols = v + tl.arange(0, BLOCK_V)
-        z = tl.load(row_logits + cols, mask=cols < V_LOCAL, other=0.0).to(tl.float32)
-        grad = tl.exp(z - lse) - tl.where(cols == local, 1.0, 0.0)
-        grad = tl.where((cols < V_VALID) & valid, grad, 0.0)
-        tl.store(row_logits + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V_LOCAL)
+    _write_row_grad(logits_ptr + row * stride_logits, target - vocab_start, target != ignore_index, lse,
+                    V_LOCAL, V_VALID, BLOCK_V)
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -260,17 +300,22 @@ def _cross_entropy_chunks(hidden, lm_weight, targets, ignore_index, vocab_start,
             rows = text_index[begin:end]
             rows_hidden, rows_targets = hidden.index_select(0, rows), targets.index_select(0, rows)
         logits = torch.mm(rows_hidden, lm_weight.t(), out=logits_buffer[:end - begin])  # [rows, V_local]
-        stats = hidden.new_empty(3, end - begin, dtype=torch.float32)  # max, sum exp, target logit
-        _launch(_row_stats_kernel, (end - begin,), logits, rows_targets, stats[0], stats[1], stats[2],
-                logits.stride(0), vocab_start, ignore_index, V_VALID=v_valid, **meta)
-        if tp_group is not None:
+        write_grad = grad_hidden is not None or grad_lm_weight is not None
+        if tp_group is None:
+            _launch(_row_ce_kernel, (end - begin,), logits, rows_targets, ce_rows[begin:end], logits.stride(0),
+                    ignore_index, V=v_local, V_VALID=v_valid, WRITE_GRAD=write_grad, **meta)
+        else:
+            stats = hidden.new_empty(3, end - begin, dtype=torch.float32)  # max, sum exp, target logit
+            _launch(_row_stats_kernel, (end - begin,), logits, rows_targets, stats[0], stats[1], stats[2],
+                    logits.stride(0), vocab_start, ignore_index, V_VALID=v_valid, **meta)
             _combine_over_ranks(stats, tp_group)
-        lse = stats[0] + stats[1].log()
-        ce_rows[begin:end] = torch.where(rows_targets != ignore_index, lse - stats[2], 0.0)
-        if grad_hidden is None and grad_lm_weight is None:
+            lse = stats[0] + stats[1].log()
+            ce_rows[begin:end] = torch.where(rows_targets != ignore_index, lse - stats[2], 0.0)
+            if write_grad:
+                _launch(_logit_grad_kernel, (end - begin,), logits, rows_targets, lse, logits.stride(0),
+                        vocab_start, ignore_index, V_LOCAL=v_local, V_VALID=v_valid, **meta)
+        if not write_grad:
             continue
-        _launch(_logit_grad_kernel, (end - begin,), logits, rows_targets, lse, logits.stride(0), vocab_start,
-                ignore_index, V_LOCAL=v_local, V_VALID=v_valid, **meta)
         if grad_hidden is not None and text_index is None:
             torch.mm(logits, lm_weight, out=grad_hidden[begin:end])
         elif grad_hidden is not None:

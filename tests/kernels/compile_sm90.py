@@ -57,7 +57,9 @@ def resampler_attention_launches(shapes):
 
 
 def mixed_loss_launches(shapes):
-    """The CE chunk loop's launches in bf16 as a CUDA device configures them (chunk rows, blocks)."""
+    """The CE chunk loop's launches in bf16 as a CUDA device configures them (chunk rows, blocks), with
+    one rank holding the vocabulary and as rank 1 of a vocab-parallel group (the ranks' statistics are
+    not combined: only the launches matter)."""
     import emu_mc.kernels.mixed_loss as ml
 
     launches = []
@@ -66,12 +68,14 @@ def mixed_loss_launches(shapes):
     ml._chunk_rows = lambda rows, v_local, element_size, device: chunk_rows(rows, v_local, element_size, cuda)
     ml._row_kernel_meta = lambda v_local, device: row_kernel_meta(v_local, cuda)
     ml._launch = lambda kernel, grid, *args, **meta: Recorder(kernel, launches)[grid](*args, **meta)
+    ml._combine_over_ranks = lambda stats, group: None
     for N, V, H in shapes:
         hidden = torch.empty(N, H, dtype=torch.bfloat16, device="meta")
         lm_weight = torch.empty(V, H, dtype=torch.bfloat16, device="meta")
         targets = torch.empty(N, dtype=torch.int64, device="meta")
-        ml._cross_entropy_chunks(hidden, lm_weight, targets, -100, 0, V, None, torch.empty_like(hidden),
-                                 torch.empty_like(lm_weight))
+        for vocab_start, tp_group in ((0, None), (V, "vocab-parallel")):
+            ml._cross_entropy_chunks(hidden, lm_weight, targets, -100, vocab_start, V, tp_group,
+                                     torch.empty_like(hidden), torch.empty_like(lm_weight))
     return launches
 
 
