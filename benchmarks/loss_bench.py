@@ -24,6 +24,7 @@ Without CUDA only eager and compile run, at tiny sizes: the Triton kernel would 
 interpreter there, an emulator, which is not something to time.
 """
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +142,17 @@ def bench_case(N, V, H, impls, dtype, cuda, device, reps):
     return rows
 
 
+def profile_table(loss, inputs, top=15):
+    """torch.profiler's table of one warmed-up forward+backward of `loss`: the `top` CUDA kernels by
+    total device time."""
+    fwd_bwd(loss, inputs)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fwd_bwd(loss, inputs)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=70)
+
+
 def format_table(rows):
     header = (f"{'V':>6s} {'N':>6s} {'impl':10s} {'ms':>10s} {'peak MiB':>10s} {'|err|':>8s} {'t/eager':>8s} {'m/eager':>8s} "
               f"{'t/ours':>7s} {'m/ours':>7s}")
@@ -161,6 +173,9 @@ def main():
     parser.add_argument("--rows", type=int, nargs="+", help="N (default 4096 16384 65536; quick: 256 1024 4096)")
     parser.add_argument("--vocab", type=int, nargs="+", help="V (default 32000 4000; quick: 4096)")
     parser.add_argument("--hidden", type=int, help="H = E (default 5120; quick: 256)")
+    parser.add_argument("--profile", nargs="+", default=[], metavar="IMPL",
+                        help="after the sweep, profile one forward+backward of these implementations at the last "
+                             "(V, N): top CUDA kernels by time, printed and saved beside the JSON as *_profile.txt")
     parser.add_argument("--chunk-mib", type=int, nargs="+", default=[],
                         help="also time ours with these logit chunk sizes (MiB; CUDA)")
     add_kernel_bench_args(parser, "loss", reps=5)
@@ -183,11 +198,20 @@ def main():
             rows += case
             print(format_table(case).split("\n", 2)[-1], flush=True)
             shapes = {"V": vocabs, "H": H, "E": H, "rows": sizes}
-            save_results("loss", {"quick": quick, "dtype": str(dtype), "shapes": shapes, "notes": notes,
-                                         "rows": rows}, notes, format_table(rows), args.out)
+            record = {"quick": quick, "dtype": str(dtype), "shapes": shapes, "notes": notes, "rows": rows}
+            json_path = save_results("loss", record, notes, format_table(rows), args.out)
             if cuda:
                 torch.cuda.empty_cache()
     print("\n" + format_table(rows))
+    if args.profile and cuda:
+        inputs = make_inputs(sizes[-1], vocabs[-1], H, dtype, device)
+        text = "\n".join(f"{device_name()}; {name}, V {vocabs[-1]}, N {sizes[-1]}, H {H}, one forward+backward\n"
+                         + profile_table(impls[name], inputs) for name in args.profile if name in impls)
+        print(text)
+        dest = os.path.splitext(json_path)[0] + "_profile.txt"
+        with open(dest, "w") as f:
+            f.write(text)
+        print(f"wrote {dest}")
 
 
 if __name__ == "__main__":
