@@ -108,7 +108,7 @@ def precompute(cfg, out_dir: str, samples_per_shard: int = 1000) -> dict:
     if pending:
         flush()
     writer.close()
-    counts = torch.tensor([writer.written, sum(skipped.values())], dtype=torch.float64)
+    counts = torch.tensor([writer.written, sum(skipped.values())], dtype=torch.float64, device=emu.device)
     dist.all_reduce(counts)
     if rank == 0:
         np.save(os.path.join(out_dir, UNCOND_FILE), unconditional_condition(emu).float().cpu().numpy())
