@@ -30,7 +30,7 @@ Design (v2): chunked, gradients computed in the forward (the Liger-Kernel scheme
       rounded once to the input dtype: one program reads its row twice, the second time from L2
     with tp_group the same in two kernels around the combine of the ranks' stats: _row_stats_kernel (max,
       sum exp, target logit of this shard), all-reduce max, rescale, all-reduce sum, _logit_grad_kernel
-    grad_hidden[chunk] = grad_logits @ W;  grad_W += grad_logits^T @ hidden_chunk (addmm, in place)
+    grad_hidden[chunk] = grad_logits @ W;  grad_W (=, then +=) grad_logits^T @ hidden_chunk (mm, addmm in place)
   regression, this rank's rows: residual = hidden[rows] @ head^T - targets (matmul in the input
     dtype, residual fp32); grads residual @ head and residual^T @ hidden[rows] in the input dtype; with
     tp_group the sum of squares and the head's gradient are all-reduced.
@@ -284,8 +284,8 @@ def _cross_entropy_chunks(hidden, lm_weight, targets, ignore_index, vocab_start,
                           grad_hidden, grad_lm_weight, text_index=None):
     """CE per row fp32 (0 for ignored rows), chunk by chunk, over all N rows, or over the rows
     `text_index` [T] lists (then [T]). When given, fills grad_hidden [N, H] with d(sum of CE)/d hidden
-    (with text_index only its rows: the rest must be zeros on entry) and grad_lm_weight [V_local, H]
-    (zeros on entry) with d(sum of CE)/d W, both in the input dtype, unscaled (not divided by the number
+    (with text_index only its rows: the rest must be zeros on entry) and overwrites grad_lm_weight
+    [V_local, H] with d(sum of CE)/d W, both in the input dtype, unscaled (not divided by the number
     of valid rows)."""
     num_rows, v_local = hidden.shape[0] if text_index is None else text_index.numel(), lm_weight.shape[0]
     chunk = max(1, min(num_rows, _chunk_rows(num_rows, v_local, hidden.element_size(), hidden.device)))
@@ -320,8 +320,12 @@ def _cross_entropy_chunks(hidden, lm_weight, targets, ignore_index, vocab_start,
             torch.mm(logits, lm_weight, out=grad_hidden[begin:end])
         elif grad_hidden is not None:
             grad_hidden.index_copy_(0, rows, torch.mm(logits, lm_weight))
-        if grad_lm_weight is not None:
+        if grad_lm_weight is not None and begin == 0:
+            torch.mm(logits.t(), rows_hidden, out=grad_lm_weight)
+        elif grad_lm_weight is not None:
             grad_lm_weight.addmm_(logits.t(), rows_hidden)
+    if grad_lm_weight is not None and num_rows == 0:
+        grad_lm_weight.zero_()
     return ce_rows
 
 
@@ -376,7 +380,7 @@ class MixedLossFunction(torch.autograd.Function):
         grad_hidden = None
         if need_hidden:
             grad_hidden = torch.empty_like(hidden) if text_index is None else torch.zeros_like(hidden)
-        grad_lm_weight = torch.zeros_like(lm_weight) if need_lm_weight else None
+        grad_lm_weight = torch.empty_like(lm_weight) if need_lm_weight else None
         ce_rows = _cross_entropy_chunks(hidden, lm_weight, targets, ignore_index, vocab_start, v_valid,
                                         tp_group, grad_hidden, grad_lm_weight, text_index)
         num_valid = (targets != ignore_index).sum().clamp_(min=1)
