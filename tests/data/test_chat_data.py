@@ -244,6 +244,17 @@ def test_bundled_chat_set_loads_with_the_documented_entry(chat_tok):
     assert sum(b.images.shape[0] for b in batches) >= 5
 
 
+def test_instruction_tuning_config_reads_every_bundled_sample(chat_tok):
+    """configs/emu_i_tiny.yaml on the bundled chat set: every sample fits, the video one included."""
+    tok, _ = chat_tok
+    cfg = load_config(os.path.join(REPO, "configs/emu_i_tiny.yaml"), ["--data.num_workers", "0"])
+    loader = build_data_loader(cfg, tok)
+    for _ in range(8):
+        next(loader)
+    stats = loader.stats()
+    assert stats["skipped"] == {} and stats["truncated"] == 0 and stats["decode_paths"].get("video:pyav", 0) >= 1
+
+
 def test_render_open_turn_is_the_training_prefix(chat_tok, builder):
     tok, ids = chat_tok
     from emu_mc.data.chat import build_conversation
