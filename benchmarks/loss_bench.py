@@ -14,7 +14,8 @@ Implementations:
   liger    Liger-Kernel's fused linear cross-entropy + eager MSE (only if liger_kernel is installed)
   cce      Cut Cross-Entropy's linear_cross_entropy + eager MSE (only if cut_cross_entropy is installed)
   ours     emu_mc.kernels.mixed_loss.mixed_ce_regression_loss over the text rows, as the model calls it
-           (text_index = the rows with a target, found in the timed call; CUDA only)
+           (text_index = the rows with a target, found once outside the timed calls: the training loop
+           finds them on the host and they arrive with the batch; CUDA only)
   ours_all the same op over all N rows (no text_index: no host sync at all)
   ours_<M>m `ours` with M MiB logit chunks instead of the op's default (--chunk-mib M ...: the tuning knob)
 Reported per row: median ms of forward+backward; peak memory above the inputs (MiB: logits, gradients and
@@ -89,6 +90,16 @@ def with_chunk_mib(loss, mib):
     return run
 
 
+_TEXT_ROWS = [None, None]  # (targets, its text rows): one targets tensor at a time, held so its id stays its own
+
+
+def text_rows_of(targets):
+    """[T] long: the rows of `targets` with a text target, found once per targets tensor."""
+    if _TEXT_ROWS[0] is not targets:
+        _TEXT_ROWS[:] = [targets, (targets != IGNORE).nonzero().squeeze(1)]
+    return _TEXT_ROWS[1]
+
+
 def implementations(cuda, chunk_mibs=()):
     """({name: loss(hidden, lm_weight, targets, reg_head_weight, reg_index, reg_targets) -> total},
     {name: why it is not run})."""
@@ -101,7 +112,7 @@ def implementations(cuda, chunk_mibs=()):
             missing[name] = f"not installed ({exc.name})"
     if cuda:
         impls["ours"] = lambda h, w, t, *rest: mixed_ce_regression_loss(
-            h, w, t, *rest, ignore_index=IGNORE, text_index=(t != IGNORE).nonzero().squeeze(1))[0]
+            h, w, t, *rest, ignore_index=IGNORE, text_index=text_rows_of(t))[0]
         impls["ours_all"] = lambda *inputs: mixed_ce_regression_loss(*inputs, ignore_index=IGNORE)[0]
         impls |= {f"ours_{mib}m": with_chunk_mib(impls["ours"], mib) for mib in chunk_mibs}
     else:

@@ -4,7 +4,8 @@ A row of `input_ids` holds one or more documents packed back to back, each
 `<s> text ... [IMG] <image> x num_queries [/IMG] text ... </s>`, then padding. The images of the
 whole batch are stacked in order of appearance (row 0 left to right, then row 1, ...), so the k-th
 `[IMG]` block of the batch takes `images[k]`. Text and regression targets are derived from
-`input_ids` and `segment_ids` by the model (emu_mc/model/targets.py), not stored here; `loss_mask`
+`input_ids` and `segment_ids` by the model (emu_mc/model/targets.py), not stored here (the training loop
+adds the positions that have them, found on the host: `text_rows`, `regression_rows`); `loss_mask`
 (chat data) narrows them to the tokens that are targets: a text target or a regression target counts
 only where the token it predicts has loss_mask True.
 """
@@ -25,6 +26,11 @@ class Batch:
     # [B, S] bool: the token may be a target (chat: the assistant's answers and their </s>; every token
     # of a pretraining document; never padding); None = every token (a batch without chat documents).
     loss_mask: Optional[torch.Tensor] = None
+    # [T] / [R] long, s-major flat positions (s * B + b) with a text target / a regression target, found
+    # on the host before the batch moves to the GPU (emu_mc.model.targets.with_loss_rows), so that the
+    # model's loss does not wait on the GPU for them; None: the model finds them itself
+    text_rows: Optional[torch.Tensor] = None
+    regression_rows: Optional[torch.Tensor] = None
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -32,7 +32,7 @@ from emu_mc.config import ModelConfig
 from emu_mc.model.llm import build_llm, llm_hidden_states, output_weight, padded_vocab_size, transformer_config
 from emu_mc.model.loss import mixed_loss_fn
 from emu_mc.model.resampler import CausalResampler
-from emu_mc.model.targets import IGNORE_INDEX, check_image_blocks, regression_mask, text_targets
+from emu_mc.model.targets import IGNORE_INDEX, check_image_blocks, regression_rows, text_rows, text_targets
 from emu_mc.model.vision import VisionTransformer
 from emu_mc.tokenizer import SpecialTokenIds
 
@@ -172,7 +172,7 @@ class EmuModel(MegatronModule):
 
     def regression_index(self, batch: Batch) -> torch.Tensor:
         """reg_index [R]: the regression positions as s-major flat rows (s * B + b)."""
-        return regression_mask(batch.input_ids, self.ids, batch.loss_mask).t().reshape(-1).nonzero().squeeze(1)
+        return regression_rows(batch, self.ids) if batch.regression_rows is None else batch.regression_rows
 
     def regression_targets(self, decoder_input: torch.Tensor, batch: Batch):
         """(reg_index [R] into s-major flat rows, reg_targets [R, H] detached input embeddings of p+1)."""
@@ -204,7 +204,7 @@ class EmuModel(MegatronModule):
             flat, output_weight(self.llm), targets, self.regress_head.weight, reg_index, reg_targets,
             ce_loss_weight=self.cfg.loss.ce_weight, reg_loss_weight=self.cfg.loss.reg_weight,
             ignore_index=IGNORE_INDEX, valid_vocab_size=self.vocab_size, tp_group=tp_group,
-            text_index=(targets != IGNORE_INDEX).nonzero().squeeze(1),  # the CE runs over these rows only
+            text_index=text_rows(batch, self.ids) if batch.text_rows is None else batch.text_rows,  # the CE's rows
         )
         return {"loss": total, "ce": ce, "reg": reg}
 

@@ -8,10 +8,12 @@ With a loss mask (chat batches, emu_mc/batch.py) both count only where token p+1
 assistant's answers and their </s> in a chat document (its images are inputs: no regression), every
 token of a pretraining document.
 """
+import dataclasses
 from typing import Optional
 
 import torch
 
+from emu_mc.batch import Batch
 from emu_mc.tokenizer import SpecialTokenIds
 
 IGNORE_INDEX = -100
@@ -46,6 +48,22 @@ def regression_mask(input_ids: torch.Tensor, ids: SpecialTokenIds, loss_mask: Op
     next token is masked out excluded."""
     mask = (input_ids == ids.img_begin) | (input_ids == ids.img_slot)
     return mask if loss_mask is None else mask & ~_next_masked(loss_mask)
+
+
+def text_rows(batch: Batch, ids: SpecialTokenIds) -> torch.Tensor:
+    """[T] long: the s-major flat positions (s * B + b) whose next token is a text target."""
+    targets = text_targets(batch.input_ids, batch.segment_ids, ids, batch.loss_mask)
+    return (targets.t().reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def regression_rows(batch: Batch, ids: SpecialTokenIds) -> torch.Tensor:
+    """[R] long: the s-major flat positions (s * B + b) that regress the next input embedding."""
+    return regression_mask(batch.input_ids, ids, batch.loss_mask).t().reshape(-1).nonzero().squeeze(1)
+
+
+def with_loss_rows(batch: Batch, ids: SpecialTokenIds) -> Batch:
+    """The batch (on the host, before it moves to the GPU) with `text_rows` and `regression_rows` set."""
+    return dataclasses.replace(batch, text_rows=text_rows(batch, ids), regression_rows=regression_rows(batch, ids))
 
 
 def check_image_blocks(input_ids: torch.Tensor, num_images: int, num_queries: int, ids: SpecialTokenIds) -> None:

@@ -27,6 +27,7 @@ from emu_mc.batch import Batch
 from emu_mc.config import Config
 from emu_mc.metrics import RegionTimer
 from emu_mc.model.emu import EmuModel
+from emu_mc.model.targets import with_loss_rows
 from emu_mc.parallel.pipeline import RegressionTargetChannel
 from emu_mc.parallel.vision_split import sum_grads_over_tp
 from emu_mc.tokenizer import SpecialTokenIds
@@ -223,9 +224,10 @@ def forward_backward(model_chunks, microbatches: List[Batch]) -> torch.Tensor:
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     batch_size, seq_length = microbatches[0].input_ids.shape
+    ids = unwrap(model_chunks[0]).ids
     terms = get_forward_backward_func()(
         forward_step_func=_forward_step,
-        data_iterator=iter([b.to(device(), non_blocking=True) for b in microbatches]),
+        data_iterator=iter([with_loss_rows(b, ids).to(device(), non_blocking=True) for b in microbatches]),
         model=model_chunks, num_microbatches=len(microbatches), seq_length=seq_length,
         micro_batch_size=batch_size, forward_only=False,
     )

@@ -1,10 +1,13 @@
 """docs/model.md "The objective": text targets skip image tokens; regression pairs per image; clear assembly errors."""
+import dataclasses
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from emu_mc.batch import Batch, synthetic_batch
 from emu_mc.model.emu import EmuModel
-from emu_mc.model.targets import IGNORE_INDEX, check_image_blocks, regression_mask, text_targets
+from emu_mc.model.targets import IGNORE_INDEX, check_image_blocks, regression_mask, text_targets, with_loss_rows
 from emu_mc.tokenizer import image_placeholder_ids
 
 Q = 8  # num_queries of the tiny config
@@ -91,3 +94,45 @@ def test_mismatched_placeholders_raise(single_process_world, tiny_cfg, special_i
 def test_regression_mask_counts_q_plus_one_per_image(special_ids):
     row, _ = _row(special_ids, [[special_ids.bos], "img", [5], "img", [special_ids.eos]], 30)
     assert int(regression_mask(torch.tensor([row]), special_ids).sum()) == 2 * (Q + 1)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["pretraining", "loss_mask"])
+def test_loss_rows_found_on_the_host_change_nothing_and_the_loss_needs_no_nonzero(
+        single_process_world, tiny_cfg, special_ids, tokenizer, masked):
+    """with_loss_rows (what the training loop applies before the batch moves to the GPU): the same loss
+    and gradients as rows the model finds itself, and the loss then runs no data-dependent-shape op."""
+    torch.manual_seed(0)
+    model = _model(tiny_cfg, special_ids, tokenizer)
+    batch = synthetic_batch(special_ids, batch_size=2, seq_length=96, vocab_size=len(tokenizer), num_queries=Q,
+                            image_size=32, images_per_row=2)
+    if masked:  # the second half of each row is not a target
+        batch = dataclasses.replace(batch, loss_mask=torch.arange(96).expand(2, -1) < 48)
+    prepared = with_loss_rows(batch, special_ids)
+    assert prepared.text_rows.numel() > 0 and prepared.regression_rows.numel() == (2 if masked else 4) * (Q + 1)
+    results = []
+    for b in (batch, prepared):
+        model.zero_grad()
+        out = model(b)
+        out["loss"].backward()
+        results.append((out, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (want, want_grads), (got, got_grads) = results
+    for key in ("loss", "ce", "reg"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    decoder_input = model.embed(prepared)
+    hidden = torch.randn(96, 2, model.cfg.llm.hidden_size)
+    with _RecordOps() as recorded:
+        reg_index, reg_targets = model.regression_targets(decoder_input, prepared)
+        model.loss(hidden, prepared, reg_index, reg_targets)
+    assert "aten.nonzero" not in recorded.ops
