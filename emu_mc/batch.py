@@ -28,7 +28,8 @@ class Batch:
     loss_mask: Optional[torch.Tensor] = None
     # [T] / [R] long, s-major flat positions (s * B + b) with a text target / a regression target, found
     # on the host before the batch moves to the GPU (emu_mc.model.targets.with_loss_rows), so that the
-    # model's loss does not wait on the GPU for them; None: the model finds them itself
+    # model's loss does not wait on the GPU for them; None: the CE runs over every row and the model
+    # finds the regression rows itself
     text_rows: Optional[torch.Tensor] = None
     regression_rows: Optional[torch.Tensor] = None
 

@@ -30,7 +30,7 @@ Design (v2): chunked, gradients computed in the forward (the Liger-Kernel scheme
       rounded once to the input dtype: one program reads its row twice, the second time from L2
     with tp_group the same in two kernels around the combine of the ranks' stats: _row_stats_kernel (max,
       sum exp, target logit of this shard), all-reduce max, rescale, all-reduce sum, _logit_grad_kernel
-    grad_hidden[chunk] = grad_logits @ W;  grad_W (=, then +=) grad_logits^T @ hidden_chunk (mm, addmm in place)
+    grad_hidden[chunk] = grad_logits @ W;  grad_W (=, then +=) grad_logits^T @ hidden_chunk (addmm in place)
   regression, this rank's rows: residual = hidden[rows] @ head^T - targets (matmul in the input
     dtype, residual fp32); grads residual @ head and residual^T @ hidden[rows] in the input dtype; with
     tp_group the sum of squares and the head's gradient are all-reduced.
@@ -320,10 +320,8 @@ def _cross_entropy_chunks(hidden, lm_weight, targets, ignore_index, vocab_start,
             torch.mm(logits, lm_weight, out=grad_hidden[begin:end])
         elif grad_hidden is not None:
             grad_hidden.index_copy_(0, rows, torch.mm(logits, lm_weight))
-        if grad_lm_weight is not None and begin == 0:
-            torch.mm(logits.t(), rows_hidden, out=grad_lm_weight)
-        elif grad_lm_weight is not None:
-            grad_lm_weight.addmm_(logits.t(), rows_hidden)
+        if grad_lm_weight is not None:  # beta 0: the first chunk overwrites the (uninitialised) buffer
+            grad_lm_weight.addmm_(logits.t(), rows_hidden, beta=0 if begin == 0 else 1)
     if grad_lm_weight is not None and num_rows == 0:
         grad_lm_weight.zero_()
     return ce_rows

@@ -32,7 +32,7 @@ from emu_mc.config import ModelConfig
 from emu_mc.model.llm import build_llm, llm_hidden_states, output_weight, padded_vocab_size, transformer_config
 from emu_mc.model.loss import mixed_loss_fn
 from emu_mc.model.resampler import CausalResampler
-from emu_mc.model.targets import IGNORE_INDEX, check_image_blocks, regression_rows, text_rows, text_targets
+from emu_mc.model.targets import IGNORE_INDEX, check_image_blocks, regression_rows, text_targets
 from emu_mc.model.vision import VisionTransformer
 from emu_mc.tokenizer import SpecialTokenIds
 
@@ -204,7 +204,7 @@ class EmuModel(MegatronModule):
             flat, output_weight(self.llm), targets, self.regress_head.weight, reg_index, reg_targets,
             ce_loss_weight=self.cfg.loss.ce_weight, reg_loss_weight=self.cfg.loss.reg_weight,
             ignore_index=IGNORE_INDEX, valid_vocab_size=self.vocab_size, tp_group=tp_group,
-            text_index=text_rows(batch, self.ids) if batch.text_rows is None else batch.text_rows,  # the CE's rows
+            text_index=batch.text_rows,  # the CE's rows when the training loop found them; else every row
         )
         return {"loss": total, "ce": ce, "reg": reg}
 
