@@ -140,24 +140,14 @@ class DocumentBuilder:
             videos = [(i, n) for i, n in plan if items[i][0] == "video" and i not in pixels]
             if not todo and not videos:
                 break
-            if todo:
-                results, used = self.decoder.images([items[i][1].data for i in todo])
-                paths.update(used)
-                for i, result in zip(todo, results):
-                    if isinstance(result, torch.Tensor):
-                        pixels[i] = result
-                    elif drop_bad_images:
-                        excluded.add(i)
-                        dropped[result.reason] += 1
-                    else:
-                        raise SampleError(result.reason, f"image {items[i][1].name}: {result.message}")
-            for i, _ in videos:
-                try:
-                    frames, path = self.decoder.video(items[i][1].data, self.frames)
-                except SampleError as e:
-                    raise SampleError(e.reason, f"video {items[i][1].name}: {e.message}") from None
-                pixels[i] = frames
-                paths[path] += 1
+            decoded, failed = self._decode_media({i: items[i][1] for i in todo},
+                                                 {i: items[i][1] for i, _ in videos}, paths)
+            pixels.update(decoded)
+            for i, error in failed.items():
+                if not drop_bad_images:
+                    raise error
+                excluded.add(i)
+                dropped[error.reason] += 1
 
         tokens = [self.ids.bos]
         images: List[torch.Tensor] = []
@@ -173,8 +163,33 @@ class DocumentBuilder:
             raise SampleError(reason, f"nothing left of the document (dropped images: {dict(dropped)})")
         if end_with_eos:
             tokens.append(self.ids.eos)
-        stacked = torch.cat(images) if images else torch.zeros(0, 3, self.decoder.size, self.decoder.size)
-        return Document(tokens, stacked, truncated, dropped, paths)
+        return Document(tokens, self._stack(images), truncated, dropped, paths)
+
+    def _decode_media(self, images: Dict[int, Image], videos: Dict[int, Video], paths: Counter
+                      ) -> Tuple[Dict[int, torch.Tensor], Dict[int, SampleError]]:
+        """(pixels: [3, S, S] per image and [frames, 3, S, S] per video, by item index; the images that
+        failed to decode, as SampleErrors). A bad video raises SampleError. `paths` counts the decode paths."""
+        pixels: Dict[int, torch.Tensor] = {}
+        failed: Dict[int, SampleError] = {}
+        if images:
+            results, used = self.decoder.images([image.data for image in images.values()])
+            paths.update(used)
+            for (i, image), result in zip(images.items(), results):
+                if isinstance(result, torch.Tensor):
+                    pixels[i] = result
+                else:
+                    failed[i] = SampleError(result.reason, f"image {image.name}: {result.message}")
+        for i, video in videos.items():
+            try:
+                pixels[i], path = self.decoder.video(video.data, self.frames)
+            except SampleError as e:
+                raise SampleError(e.reason, f"video {video.name}: {e.message}") from None
+            paths[path] += 1
+        return pixels, failed
+
+    def _stack(self, images: List[torch.Tensor]) -> torch.Tensor:
+        """[n, 3, S, S] float32 pixels of a document's images in order ([0, 3, S, S] without any)."""
+        return torch.cat(images) if images else torch.zeros(0, 3, self.decoder.size, self.decoder.size)
 
     # -- chat
     def _chat_items(self, pieces: List[Piece]) -> List[Tuple[str, object, bool]]:
@@ -201,25 +216,6 @@ class DocumentBuilder:
                 items.append(("video", piece, False))
         return items
 
-    def _decode_chat_media(self, items: List[Tuple[str, object, bool]], paths: Counter) -> Dict[int, torch.Tensor]:
-        """Pixels [n, 3, S, S] of every image (n = 1) and video (n = frames) item; SampleError on a bad one."""
-        todo = [i for i, (kind, _, _) in enumerate(items) if kind == "image"]
-        results, used = self.decoder.images([items[i][1].data for i in todo]) if todo else ([], Counter())
-        paths.update(used)
-        pixels: Dict[int, torch.Tensor] = {}
-        for i, result in zip(todo, results):
-            if not isinstance(result, torch.Tensor):
-                raise SampleError(result.reason, f"image {items[i][1].name}: {result.message}")
-            pixels[i] = result[None]
-        for i, (kind, video, _) in enumerate(items):
-            if kind == "video":
-                try:
-                    pixels[i], path = self.decoder.video(video.data, self.frames)
-                except SampleError as e:
-                    raise SampleError(e.reason, f"video {video.name}: {e.message}") from None
-                paths[path] += 1
-        return pixels
-
     def build_chat(self, exchanges: List[List[Piece]]) -> Document:
         """Rendered exchanges (emu_mc.data.chat.render; a generation prompt's last one is open) ->
         Document with its loss mask. The first exchanges that fit in seq_length tokens are kept."""
@@ -239,13 +235,16 @@ class DocumentBuilder:
             raise SampleError(TOO_LONG, f"{'the conversation' if kept else 'its first exchange'} does not fit "
                                         f"in {self.seq_length} tokens")
         paths: Counter = Counter()
-        pixels = self._decode_chat_media(items, paths)
+        pixels, failed = self._decode_media({i: what for i, (kind, what, _) in enumerate(items) if kind == "image"},
+                                            {i: what for i, (kind, what, _) in enumerate(items) if kind == "video"},
+                                            paths)
+        if failed:
+            raise next(iter(failed.values()))
         tokens, mask, images = [self.ids.bos], [False], []
         for i, (kind, what, target) in enumerate(items):
-            ids = what if kind == "text" else self.block * pixels[i].shape[0]
+            if kind != "text":
+                images.append(pixels[i] if kind == "video" else pixels[i][None])
+            ids = what if kind == "text" else self.block * images[-1].shape[0]
             tokens += ids
             mask += [target] * len(ids)
-            if kind != "text":
-                images.append(pixels[i])
-        stacked = torch.cat(images) if images else torch.zeros(0, 3, self.decoder.size, self.decoder.size)
-        return Document(tokens, stacked, kept < len(exchanges), Counter(), paths, loss_mask=mask)
+        return Document(tokens, self._stack(images), kept < len(exchanges), Counter(), paths, loss_mask=mask)
