@@ -28,7 +28,7 @@ import time
 import torch
 
 from emu_mc.model.document_attention import (PackedDocuments, causal_attention, causal_pairs, document_attention,
-                                             document_attention_reference, document_block_mask, flex_attention,
+                                             document_attention_reference, document_block_mask,
                                              installed_backends)
 
 from bench_common import add_kernel_bench_args, device_name, kernel_bench_setup, peak_mib, save_results, time_ms
@@ -81,11 +81,16 @@ def sdpa_causal(q, k, v, docs, seg):
     return causal_attention(q, k, v, q.shape[-1] ** -0.5)
 
 
-def flex_blockmask(q, k, v, docs, seg):
-    """flex's FlexAttention kernel with the BlockMask even where the row is one document (where `flex`
-    itself runs causal SDPA): what FlexAttention costs on the plain causal pattern."""
-    docs = dataclasses.replace(docs, causal_only=False, block_mask=document_block_mask(seg))
-    return flex_attention(q, k, v, docs, q.shape[-1] ** -0.5)
+def preparation(name, seg):
+    """The micro-batch preparation `name` times as prep_ms, or None: the backend's PackedDocuments;
+    for flex_blockmask flex's with the BlockMask even where the row is one document (where `flex`
+    itself runs causal SDPA), to show what the FlexAttention kernel costs on the plain causal pattern."""
+    if name == "flex_blockmask":
+        return lambda: dataclasses.replace(PackedDocuments.from_segment_ids(seg, "flex"), causal_only=False,
+                                           block_mask=document_block_mask(seg))
+    if name in ("sdpa", "flex", "flash_varlen"):
+        return lambda: PackedDocuments.from_segment_ids(seg, name)
+    return None
 
 
 def bench_row(s, heads, mix, impls, dtype, cuda, device, reps):
@@ -99,15 +104,14 @@ def bench_row(s, heads, mix, impls, dtype, cuda, device, reps):
     lengths, pad = document_lengths(mix, s)
     meta = {"S": s, "heads": heads, "mix": mix, "documents": len(lengths), "padding": pad}
     if mix == "one":  # the speed of light for a single document, right after local
-        extra = [("sdpa_causal", sdpa_causal)] + [("flex_blockmask", flex_blockmask)] * ("flex" in impls)
+        extra = [("sdpa_causal", sdpa_causal)] + ([("flex_blockmask", impls["flex"])] if "flex" in impls else [])
         impls = dict([next(iter(impls.items())), *extra, *list(impls.items())[1:]])
     want, local = None, None
     for name, attend in impls.items():
         row = dict(meta, impl=name)
-        kind = {"flex_blockmask": "flex"}.get(name, name if name in ("sdpa", "flex", "flash_varlen") else None)
+        prep = preparation(name, seg)
         try:
-            prep = lambda: PackedDocuments.from_segment_ids(seg, kind)
-            docs = prep() if kind else None
+            docs = prep() if prep else None
             fwd = lambda: attend(q, k, v, docs, seg)
             fwd_bwd = lambda: torch.autograd.grad(fwd(), (q, k, v), grad_out)
             start = time.perf_counter()
@@ -122,7 +126,7 @@ def bench_row(s, heads, mix, impls, dtype, cuda, device, reps):
             row["fwd_ms"] = time_ms(fwd, cuda, reps, warmup_ms=5, rep_ms=40)
             row["fwd_bwd_ms"] = time_ms(fwd_bwd, cuda, reps, warmup_ms=5, rep_ms=40)
             row["peak_mib"] = peak_mib(fwd_bwd, cuda)
-            row["prep_ms"] = time_ms(prep, cuda, reps, warmup_ms=2, rep_ms=10) if kind else 0.0
+            row["prep_ms"] = time_ms(prep, cuda, reps, warmup_ms=2, rep_ms=10) if prep else 0.0
             row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
             row["fwd_bwd_tflops"] = 3 * fwd_flops / row["fwd_bwd_ms"] / 1e9
             if name == "local":
