@@ -95,8 +95,11 @@ class PromptBuilder:
 
     def __init__(self, cfg, tokenizer, ids, image_size: int):
         self.cfg, self.ids = cfg, ids
-        self.encode = make_encoder(tokenizer, ids)  # chat requests: turn tokens only where the template puts them
-        self.encode_plain = make_encoder(tokenizer, ids, keep_turn_tokens=True)  # a prompt may spell the template
+        # one tokenizer copy (make_encoder copies it): a plain prompt may spell the chat template; chat requests
+        # get turn tokens only where the template puts them
+        self.encode_plain = make_encoder(tokenizer, ids, keep_turn_tokens=True)
+        turns = {ids.user, ids.assistant}
+        self.encode = lambda text: [t for t in self.encode_plain(text) if t not in turns]
         self.decoder = make_decoder("cpu", image_size)
 
     def document(self, request: Request, max_length: int):
