@@ -116,21 +116,25 @@ def read_requests(path: str) -> List[Request]:
                               history=[(str(u), str(a)) for u, a in record.get("history", [])])
         except (ValueError, TypeError) as err:
             raise GenerationInputError(f"--requests {path} line {n}: {err}") from None
-        if request.mode not in ("text", "image") or (request.chat and request.mode != "text"):
-            raise GenerationInputError(f"--requests {path} line {n}: mode {request.mode!r} is not text or image "
-                                       "(chat requests: text)")
+        if request.mode not in ("text", "image"):
+            raise GenerationInputError(f"--requests {path} line {n}: mode {request.mode!r} is not text or image")
         requests.append(request)
     if not requests:
         raise GenerationInputError(f"--requests {path}: no requests in it")
     return requests
 
 
+def check_chat_mode(request: Request) -> None:
+    """Chat requests (--chat, or "chat": true in a requests file) are answered in text."""
+    if request.chat and request.mode != "text":
+        where = f"request {request.id!r}" if request.id is not None else "--chat"
+        raise GenerationInputError(f"{where}: a chat request is answered in text (mode text, not {request.mode})")
+
+
 def collect_requests(args) -> List[Request]:
     if (args.prompt is None) == (args.requests is None):
         raise GenerationInputError("give either --prompt (with --image / --video) or --requests FILE.jsonl "
                                    "(or --chat alone: a conversation on stdin)")
-    if args.chat and args.mode != "text":
-        raise GenerationInputError("--chat: answers are text (--mode text)")
     if args.requests:
         requests = read_requests(args.requests)
         for request in requests:
@@ -140,6 +144,7 @@ def collect_requests(args) -> List[Request]:
         requests = [Request(prompt=args.prompt, images=args.image, videos=args.video, mode=args.mode,
                             chat=args.chat, system=args.system)]
     for request in requests:
+        check_chat_mode(request)
         check_media_files(request)
     if any(r.mode == "image" for r in requests) and not args.decoder:
         raise GenerationInputError("--decoder DIR is needed for image requests (python -m "
@@ -160,7 +165,8 @@ def run(args) -> int:
     text_settings, image_settings = settings_from(args)
     interactive = args.chat and args.prompt is None and args.requests is None
     if interactive:
-        conversation = Request(images=args.image, videos=args.video, chat=True, system=args.system)
+        conversation = Request(images=args.image, videos=args.video, mode=args.mode, chat=True, system=args.system)
+        check_chat_mode(conversation)
         check_media_files(conversation)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise GenerationInputError("--chat on stdin runs in one process (no torchrun)")

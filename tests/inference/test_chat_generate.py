@@ -102,6 +102,16 @@ def test_chat_on_a_model_without_turn_tokens_is_exit_2(tiny_run, capsys):
     assert "[USER] / [ASSISTANT]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("how", ["--mode image", "requests file"])
+def test_a_chat_request_for_an_image_is_exit_2_before_loading(tmp_path, capsys, how):
+    """--chat with --mode image, or a requests-file line asking for an image under --chat: one line, exit 2."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"id": "a", "prompt": "a cat", "mode": "image"}\n')
+    source = ["--prompt", "a cat", "--mode", "image"] if how == "--mode image" else ["--requests", str(requests)]
+    assert main(["--checkpoint", str(tmp_path / "nowhere"), "--chat", "--decoder", str(tmp_path), *source]) == 2
+    assert "a chat request is answered in text" in capsys.readouterr().err
+
+
 def test_chat_loss_is_the_answers_cross_entropy_and_no_regression(chat_emu, image_files):
     emu = chat_emu
     paths, _ = image_files
