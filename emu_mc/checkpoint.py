@@ -143,10 +143,10 @@ def checkpointed_model_state(model, metadata: Optional[Dict[str, Any]] = None) -
 
 def load_model_state(model, state: Dict[str, Any]) -> None:
     """Put a loaded `checkpointed_model_state` into `model`."""
-    from emu_mc.model.lora import has_adapters, load_adapter_state
+    from emu_mc.model.lora import has_adapters, load_state_part
 
     if has_adapters(model):
-        load_adapter_state(model, state)
+        load_state_part(model, state, adapters=True)
     else:
         model.load_state_dict(state)
 
@@ -502,20 +502,28 @@ def load_checkpoint_model(step_dir: str, *, tp: int = 1, tokenizer: Optional[str
     return model.eval(), cfg, tok, meta
 
 
+def adapters_only(meta: dict, step_dir: str) -> Optional[str]:
+    """Why the checkpoint `step_dir` (its meta.json: `meta`) cannot serve as a whole model, when it is a
+    LoRA run's (adapters only), else None."""
+    if (meta["config"].get("finetune") or {}).get("mode") != "lora":
+        return None
+    return (f"{step_dir} holds LoRA adapters only; fold them into their base first: python -m emu_mc.convert "
+            f"export --checkpoint {step_dir} --to emu --out DIR, then start from DIR")
+
+
 def load_model_weights(model, step_dir: str) -> None:
     """The weights of the pretraining or full fine-tuning checkpoint `step_dir` into this rank's
     EmuModel stage `model` (any TP x PP: dist_checkpointing reshards); adapters of `model` are left
     as they are. A checkpoint with fewer tokens in the same padded rows (the chat tokens added since)
     loads, its new rows starting at the mean row. Collective. Raises CheckpointConfigError for a LoRA
     checkpoint (adapters only) or a vocabulary that does not fit, CheckpointLoadError for a damaged one."""
-    from emu_mc.model.lora import is_adapter
+    from emu_mc.model.lora import is_adapter, load_state_part
 
     checkpointer = Checkpointer.of_step(step_dir)
     meta = checkpointer.read_meta(step_dir)
-    if (meta["config"].get("finetune") or {}).get("mode") == "lora":
-        raise CheckpointConfigError(f"{step_dir} holds LoRA adapters only; fold them into their base first: "
-                                    f"python -m emu_mc.convert export --checkpoint {step_dir} --to emu --out DIR, "
-                                    "then start from DIR")
+    refusal = adapters_only(meta, step_dir)
+    if refusal:
+        raise CheckpointConfigError(refusal)
     saved_vocab = meta.get("vocab_size", model.vocab_size)
     if saved_vocab != model.vocab_size and not _same_padded_vocab(model, saved_vocab):
         raise CheckpointConfigError(f"{step_dir} has a {saved_vocab}-token vocabulary, this model "
@@ -523,10 +531,10 @@ def load_model_weights(model, step_dir: str) -> None:
                                     "and start from the export, whose vocabulary grows to the tokenizer's")
     base = {k: v for k, v in model.sharded_state_dict().items() if not is_adapter(k)}
     state, _, _ = checkpointer.load(step_dir, {"model": base}, same_layout=False)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if unexpected or any(not is_adapter(k) for k in missing):
-        raise CheckpointConfigError(f"{step_dir}: unexpected {list(unexpected)[:3]}, missing "
-                                    f"{[k for k in missing if not is_adapter(k)][:3]}")
+    try:
+        load_state_part(model, state["model"], adapters=False)
+    except ValueError as err:
+        raise CheckpointConfigError(f"{step_dir}: {err}") from None
     if saved_vocab < model.vocab_size:
         mean_init_vocab_rows(model, saved_vocab)
 

@@ -20,7 +20,7 @@ import torch
 
 from emu_mc.config import ModelConfig
 from emu_mc.convert.errors import ConversionError, check_keys, check_shape
-from emu_mc.convert.llm_format import add_vocab_rows, arch_mismatches, read_llm_checkpoint, write_llm_checkpoint
+from emu_mc.convert.llm_format import arch_mismatches, read_llm_checkpoint, write_llm_checkpoint
 from emu_mc.convert.shard import load_llm_state
 from emu_mc.convert.tensor_files import StateDict, read_tensor_file, write_safetensors
 
@@ -122,7 +122,7 @@ def load_whole_model(emu_model, model_cfg: ModelConfig) -> None:
     if mismatches:
         raise ConversionError(f"{directory}: exported model vs model config differ in " + "; ".join(mismatches))
     llm_state, _, _ = read_llm_checkpoint(directory)
-    load_llm_state(emu_model.llm, add_vocab_rows(llm_state, emu_model.vocab_size))
+    load_llm_state(emu_model.llm, llm_state, emu_model.vocab_size)
     components = os.path.join(directory, COMPONENTS_FILE)
     if emu_model.pre_process:
         vision = os.path.join(directory, VISION_FILE)

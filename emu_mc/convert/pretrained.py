@@ -4,17 +4,16 @@ run's checkpoint, emu_mc/checkpoint.py), `model.llm.init_from` (an LLM checkpoin
 llm_format.py) and `model.vision.init_from` (a vision safetensors file from eva-to-emu) to an EmuModel
 stage. `pin_init_from` fixes the paths a fine-tuning run starts from (the base its adapters belong to)."""
 import hashlib
-import json
 import logging
 import os
 
 import torch
 
-from emu_mc.checkpoint import (CheckpointConfigError, CheckpointLoadError, Checkpointer, find_step_dir,
-                               load_model_weights)
+from emu_mc.checkpoint import (CheckpointConfigError, CheckpointLoadError, Checkpointer, adapters_only,
+                               find_step_dir, load_model_weights)
 from emu_mc.config import ModelConfig
 from emu_mc.convert.errors import ConversionError, check_keys, check_shape
-from emu_mc.convert.llm_format import META_FILE, add_vocab_rows, arch_mismatches, read_llm_checkpoint, read_llm_meta
+from emu_mc.convert.llm_format import META_FILE, arch_mismatches, read_llm_checkpoint, read_llm_meta
 from emu_mc.convert.model_format import MODEL_META, load_whole_model, model_mismatches, read_model_meta
 from emu_mc.convert.shard import load_llm_state
 from emu_mc.convert.tensor_files import StateDict, read_tensor_file
@@ -84,7 +83,7 @@ def load_pretrained(emu_model, model_cfg: ModelConfig) -> None:
         mismatches = arch_mismatches(ckpt_cfg, model_cfg.llm)
         if mismatches:
             raise ConversionError(f"{path}: checkpoint vs model.llm config differ in " + "; ".join(mismatches))
-        load_llm_state(emu_model.llm, add_vocab_rows(state, emu_model.vocab_size))
+        load_llm_state(emu_model.llm, state, emu_model.vocab_size)
         log.info("LLM weights from %s: %d tensors, %d checkpoint vocab rows (model vocab %d, new rows = their mean)",
                  path, len(state), vocab_size, emu_model.vocab_size)
     path = model_cfg.vision.init_from
@@ -111,10 +110,9 @@ def _check_init_checkpoint(step_dir: str, model_cfg: ModelConfig) -> None:
         saved = config_from_dict(meta["config"])
     except (ConfigError, KeyError) as err:
         raise ConversionError(f"model.init_from: {step_dir}/meta.json: {err}") from None
-    if saved.finetune is not None and saved.finetune.mode == "lora":
-        raise ConversionError(f"model.init_from: {step_dir} holds LoRA adapters only; fold them into their base "
-                              f"first (python -m emu_mc.convert export --checkpoint {step_dir} --to emu --out DIR) "
-                              "and start from DIR")
+    refusal = adapters_only(meta, step_dir)
+    if refusal:
+        raise ConversionError(f"model.init_from: {refusal}")
     mismatches = model_mismatches(saved.model, model_cfg)
     if mismatches:
         raise ConversionError(f"model.init_from: {step_dir} vs model config differ in {'; '.join(mismatches)} "
@@ -129,10 +127,10 @@ def pin_init_from(model_cfg: ModelConfig, out_dir: str) -> None:
     elsewhere); a base that has moved is taken from the config (its identity is checked on resume)."""
     recorded = latest = None
     try:
-        latest = Checkpointer(out_dir, keep=1).latest() if os.path.isdir(os.path.join(out_dir, "checkpoints")) else None
+        checkpointer = Checkpointer(out_dir, keep=1)
+        latest = checkpointer.latest() if os.path.isdir(os.path.join(out_dir, "checkpoints")) else None
         if latest is not None:
-            with open(os.path.join(latest, "meta.json")) as f:
-                recorded = json.load(f)["config"]["model"]
+            recorded = checkpointer.read_meta(latest)["config"]["model"]
     except (CheckpointLoadError, OSError, ValueError, KeyError, TypeError):
         pass  # a damaged checkpoint: the run reports it when it resumes
     for section, key in ((model_cfg, ""), (model_cfg.llm, "llm"), (model_cfg.vision, "vision")):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from emu_mc.convert.errors import ConversionError, check_keys, check_shape
-from emu_mc.convert.llm_format import EMBEDDING, OUTPUT, full_names
+from emu_mc.convert.llm_format import EMBEDDING, OUTPUT, add_vocab_rows, full_names
 from emu_mc.convert.tensor_files import StateDict
 
 VOCAB_PARALLEL = (EMBEDDING, OUTPUT)
@@ -69,9 +69,12 @@ def _pad_vocab(name: str, full: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_llm_state(gpt_model, full: StateDict) -> None:
-    """Copy this rank's shard of `full` (a full TP=1 state dict, llm_format.py names; vocab rows may
-    be fewer than the model's padded vocab: the rest become zero) into `gpt_model`'s parameters."""
+def load_llm_state(gpt_model, full: StateDict, vocab_size: Optional[int] = None) -> None:
+    """Copy this rank's shard of `full` (a full TP=1 state dict, llm_format.py names) into `gpt_model`'s
+    parameters. Vocab rows may be fewer than the model's padded vocab: with `vocab_size` (the model's
+    real vocabulary) the missing rows below it start at the mean row (`add_vocab_rows`); the rest are zero."""
+    if vocab_size is not None:
+        full = add_vocab_rows(full, vocab_size)
     tied = gpt_model.share_embeddings_and_output_weights
     check_keys(full_names(gpt_model.config.num_layers, tied), list(full), "LLM state dict")
     rank, size = _tp()

@@ -235,9 +235,12 @@ def freeze_all_but_adapters(model: torch.nn.Module) -> None:
         param.requires_grad_(is_adapter(name))
 
 
-def load_adapter_state(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    """Load `state` (adapter tensors only, model state-dict names) into `model`, every adapter present."""
+def load_state_part(model: torch.nn.Module, state: Dict[str, torch.Tensor], adapters: bool) -> None:
+    """Load `state` (model state-dict names) into `model`: every adapter tensor and nothing else
+    (`adapters`), or every base tensor and nothing else (the adapters stay as they are). ValueError
+    naming what is missing or unexpected."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [name for name in missing if is_adapter(name)]
+    missing = [name for name in missing if is_adapter(name) == adapters]
     if missing or unexpected:
-        raise ValueError(f"adapter state: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
+        raise ValueError(f"{'adapter' if adapters else 'base'} state: missing {missing[:3]}, "
+                         f"unexpected {list(unexpected)[:3]}")
