@@ -247,7 +247,7 @@ def write_results(task: Task, args, metrics: dict, n: int, checkpoint: str) -> N
 
     results = {"task": task.name, "metrics": metrics, "n": n, "shots": args.shots, "style": args.style,
                "seed": args.seed, "checkpoint": checkpoint, "data": os.path.abspath(args.data),
-               "paper": dict(zip(("value", "source"), args.paper[task.name])) if task.name in args.paper else None,
+               "paper": args.paper.get(task.name),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "versions": {"emu_mc": emu_mc_version, "torch": torch.__version__, "python": sys.version.split()[0]}}
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -11,7 +11,7 @@ figures from a JSON file a user fills in from the PDF, each with its table and r
 says "not entered".
 """
 import json
-from typing import Dict, Tuple
+from typing import Dict
 
 PAPER = {
     # task: (metric, where in the paper to copy the Emu-14B zero-shot figure from)
@@ -31,8 +31,8 @@ class PaperNumbersError(ValueError):
     """A --paper-numbers file that cannot be used (the message names the file and the entry)."""
 
 
-def load_paper_numbers(path: str) -> Dict[str, Tuple[float, str]]:
-    """{task: (value, source)} from a JSON file of {task: {"value": number, "source": "Table N, row R"}}."""
+def load_paper_numbers(path: str) -> Dict[str, Dict[str, object]]:
+    """{task: {"value": float, "source": str}} from a JSON file of {task: {"value": number, "source": "Table N, row R"}}."""
     try:
         with open(path) as f:
             entries = json.load(f)
@@ -49,5 +49,5 @@ def load_paper_numbers(path: str) -> Dict[str, Tuple[float, str]]:
         if not isinstance(value, (int, float)) or not isinstance(source, str) or not source.strip():
             raise PaperNumbersError(f"--paper-numbers {path}: {task} needs a numeric \"value\" and a \"source\" "
                                     "naming the paper's table and row")
-        numbers[task] = (float(value), source)
+        numbers[task] = {"value": float(value), "source": source}
     return numbers
