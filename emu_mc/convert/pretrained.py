@@ -36,8 +36,9 @@ def check_init_from(model_cfg: ModelConfig) -> None:
     """Pre-flight, metadata only: every init_from path exists and its architecture matches
     `model_cfg`. Raises ConversionError naming the field, or every differing architecture field."""
     path = model_cfg.init_from
-    if path and _step_dir(path) is not None:
-        _check_init_checkpoint(_step_dir(path), model_cfg)
+    step_dir = _step_dir(path) if path else None
+    if step_dir is not None:
+        _check_init_checkpoint(step_dir, model_cfg)
     elif path:
         if not os.path.isdir(path):
             raise ConversionError(f"model.init_from: {path!r} is not a directory (python -m emu_mc.convert export "
@@ -168,7 +169,8 @@ def base_identity(model_cfg: ModelConfig) -> str:
 def check_base_identity(recorded: str, model_cfg: ModelConfig, checkpoint: str) -> None:
     """ConversionError when the base at model_cfg's init_from is not the one `checkpoint`'s adapters
     were trained on (`recorded`: its base_identity)."""
-    if recorded != base_identity(model_cfg):
+    found = base_identity(model_cfg)
+    if recorded != found:
         raise ConversionError(f"{checkpoint} holds LoRA adapters trained on other base weights than "
                               f"{model_cfg.init_from or model_cfg.llm.init_from} holds now (base identity {recorded}, "
-                              f"found {base_identity(model_cfg)}); put that base back, or start another train.out_dir")
+                              f"found {found}); put that base back, or start another train.out_dir")
