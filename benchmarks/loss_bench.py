@@ -18,6 +18,8 @@ Implementations:
            finds them on the host and they arrive with the batch; CUDA only)
   ours_all the same op over all N rows (no text_index: no host sync at all)
   ours_<M>m `ours` with M MiB logit chunks instead of the op's default (--chunk-mib M ...: the tuning knob)
+  ours_graph `ours` captured once in a CUDA graph and replayed: the GPU time without the host's launches
+           (ours - ours_graph is what the host adds; its peak is the graph's memory pool; CUDA only)
 Reported per row: median ms of forward+backward; peak memory above the inputs (MiB: logits, gradients and
 workspaces; CUDA allocator peak, on CPU the profiler's allocation trace); |total - eager total|; time
 and memory relative to eager and to ours (row / ours: above 1 means ours is faster or smaller).
@@ -29,6 +31,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import EventList
 
 from emu_mc.kernels import mixed_loss
 from emu_mc.kernels.mixed_loss import mixed_ce_regression_loss
@@ -128,22 +132,60 @@ def fwd_bwd(loss, inputs):
     return total.detach()
 
 
+def graphed(loss, inputs):
+    """(replay() -> total: one forward+backward of `loss` on `inputs`, captured once in a CUDA graph;
+    MiB the capture allocated, the graph's memory pool)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        fwd_bwd(loss, inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = fwd_bwd(loss, inputs)
+    pool_mib = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+    def replay():
+        graph.replay()
+        return total
+    return replay, pool_mib
+
+
+def measure(run, want, cuda, reps):
+    """{"ms", "peak_mib", "abs_err"} of run() -> total (0-dim tensor), the first call also its warm-up."""
+    err = abs(run().item() - want)
+    # ~10 timed calls at N = 16384 (2 at the former 50 ms spread eager 30.5-31.7 ms over H100 runs)
+    return {"ms": time_ms(run, cuda, reps, warmup_ms=25, rep_ms=250), "peak_mib": peak_mib(run, cuda),
+            "abs_err": err}
+
+
+def runners(impls, inputs, cuda):
+    """(name, setup() -> (run() -> total, peak MiB or None to measure run's)) per row of the case."""
+    for name, loss in impls.items():
+        yield name, lambda loss=loss: ((lambda: fwd_bwd(loss, inputs)), None)
+    if cuda and "ours" in impls:
+        yield "ours_graph", lambda: graphed(impls["ours"], inputs)
+
+
 def bench_case(N, V, H, impls, dtype, cuda, device, reps):
     """One row per implementation for N rows."""
     inputs = make_inputs(N, V, H, dtype, device)
     want = fwd_bwd(eager, inputs).item()
     rows = []
-    for name, loss in impls.items():
+    for name, setup in runners(impls, inputs, cuda):
         row = {"N": N, "V": V, "H": H, "impl": name}
         try:
-            err = abs(fwd_bwd(loss, inputs).item() - want)  # also the warm-up (compiles)
-            # ~10 timed calls at N = 16384 (2 at the former 50 ms spread eager 30.5-31.7 ms over H100 runs)
-            row |= {"ms": time_ms(lambda: fwd_bwd(loss, inputs), cuda, reps, warmup_ms=25, rep_ms=250),
-                    "peak_mib": peak_mib(lambda: fwd_bwd(loss, inputs), cuda), "abs_err": err}
+            run, setup_mib = setup()
+            row |= measure(run, want, cuda, reps)
+            if setup_mib is not None:
+                row["peak_mib"] = setup_mib
         except Exception as exc:  # an alternative that cannot run here (e.g. out of memory) is reported
-            row["skipped"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
             if cuda:
                 torch.cuda.empty_cache()
+            row["skipped"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
         rows.append(row)
     done = {r["impl"]: r for r in rows if "ms" in r}
     for r in done.values():
@@ -154,15 +196,23 @@ def bench_case(N, V, H, impls, dtype, cuda, device, reps):
     return rows
 
 
-def profile_table(loss, inputs, top=15):
-    """torch.profiler's table of one warmed-up forward+backward of `loss`: the `top` CUDA kernels by
-    total device time."""
+def profile_tables(loss, inputs, trace_path=None, top=15):
+    """torch.profiler's tables of one warmed-up forward+backward of `loss`: the `top` CUDA kernels by
+    total device time, then the `top` aten ops by input shapes (which GEMM shape runs slowly); with
+    `trace_path`, also its Chrome trace there (host gaps between the kernels)."""
     fwd_bwd(loss, inputs)
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         fwd_bwd(loss, inputs)
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=70)
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    kernels = EventList([e for e in prof.key_averages() if e.device_type == DeviceType.CUDA])
+    ops = EventList([e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")
+                     and e.device_time_total > 0])
+    return "\n".join(events.table(sort_by=key, row_limit=top, max_name_column_width=70, max_shapes_column_width=90)
+                     for events, key in ((kernels, "self_device_time_total"), (ops, "device_time_total")))
 
 
 def format_table(rows):
@@ -217,14 +267,14 @@ def main():
     print("\n" + format_table(rows))
     if args.profile and cuda:
         inputs = make_inputs(sizes[-1], vocabs[-1], H, dtype, device)
+        base = os.path.splitext(json_path)[0]
         text = "\n".join(f"{device_name()}; {name}, V {vocabs[-1]}, N {sizes[-1]}, H {H}, one forward+backward\n"
-                         + profile_table(impls[name], inputs) for name in args.profile if name in impls)
+                         + profile_tables(impls[name], inputs, f"{base}_trace_{name}.json")
+                         for name in args.profile if name in impls)
         print(text)
-        dest = os.path.splitext(json_path)[0] + "_profile.txt"
-        with open(dest, "w") as f:
+        with open(f"{base}_profile.txt", "w") as f:
             f.write(text)
-        print(f"wrote {dest}")
-
+        print(f"wrote {base}_profile.txt and the Chrome traces {base}_trace_*.json")
 
 if __name__ == "__main__":
     main()
