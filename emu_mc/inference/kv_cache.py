@@ -110,12 +110,25 @@ def cached_hidden_states(llm, decoder_input: torch.Tensor, valid_new: torch.Tens
     return llm.decoder.final_layernorm(x) if final_norm else x
 
 
+LENGTH_STEP = 128  # FlexAttention's block size
+
+
 def recomputed_hidden_states(llm, decoder_input: torch.Tensor, valid: torch.Tensor,
                              position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The training forward over a whole left-padded sequence: decoder_input [S, B, H], valid [B, S]
-    bool -> final-norm hidden [S, B, H]. What generation without a cache runs at every step."""
+    bool -> final-norm hidden [S, B, H]. What generation without a cache runs at every step.
+    A batch with padding runs right-padded to a multiple of LENGTH_STEP positions (cut off again; no
+    real position sees them): compiled FlexAttention, which builds one kernel per sequence length,
+    then compiles once per 128 positions, not once per generated token or per batch's prompt length.
+    A batch without padding runs at its length (plain causal attention, nothing compiled per length)."""
     from emu_mc.model.llm import llm_hidden_states
 
     if position_ids is None:
         position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)
-    return llm_hidden_states(llm, decoder_input, position_ids, torch.where(valid, 0, -1))
+    s, b, _ = decoder_input.shape
+    extra = 0 if bool(valid.all()) else -s % LENGTH_STEP
+    if extra:
+        decoder_input = torch.cat([decoder_input, decoder_input.new_zeros(extra, *decoder_input.shape[1:])])
+        valid = torch.cat([valid, valid.new_zeros(b, extra)], 1)
+        position_ids = torch.cat([position_ids, position_ids.new_zeros(b, extra)], 1)
+    return llm_hidden_states(llm, decoder_input, position_ids, torch.where(valid, 0, -1))[:s]

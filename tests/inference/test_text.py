@@ -35,6 +35,31 @@ def test_cache_matches_training_forward_in_chunks(tiny_emu):
     assert diff <= 1e-5, f"cached vs training forward: max abs diff {diff}"
 
 
+def test_recompute_pads_lengths_to_a_step(tiny_emu, monkeypatch):
+    """Without a cache, a padded batch runs the training forward at a multiple of LENGTH_STEP positions
+    (compiled FlexAttention then builds a kernel per 128 positions, not per token), with the real
+    positions' states those of the forward at the batch's own length; an unpadded batch keeps its length."""
+    import emu_mc.model.llm as llm_module
+    from emu_mc.inference.kv_cache import LENGTH_STEP
+
+    llm = tiny_emu.model.llm
+    torch.manual_seed(2)
+    x = torch.randn(11, 3, llm.config.hidden_size)
+    valid = torch.ones(3, 11, dtype=torch.bool)
+    valid[1, :4] = False
+    lengths, forward = [], llm_module.llm_hidden_states
+    monkeypatch.setattr(llm_module, "llm_hidden_states", lambda llm, x, *rest: lengths.append(x.shape[0]) or
+                        forward(llm, x, *rest))
+    with torch.no_grad():
+        padded = recomputed_hidden_states(llm, x, valid)
+        unpadded = recomputed_hidden_states(llm, x[:, :1], valid[:1])
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        expected = forward(llm, x, positions, torch.where(valid, 0, -1))
+    assert lengths == [LENGTH_STEP, 11] and padded.shape == expected.shape
+    torch.testing.assert_close(padded.transpose(0, 1)[valid], expected.transpose(0, 1)[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unpadded, expected[:, :1], atol=1e-5, rtol=1e-5)
+
+
 def test_cached_greedy_equals_uncached(tiny_emu, image_files):
     requests = requests_with_images(image_files)
     cached = generate_text(tiny_emu, requests, TextSettings(max_new_tokens=12))
