@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from emu_mc.data.chat import media_list
 from emu_mc.data.errors import SampleError
@@ -156,8 +156,10 @@ def chat_sample(key: str, record: dict, root: str, where: str) -> Sample:
     return sample
 
 
-def chat_samples(path: str, image_root: str = "") -> Tuple[str, Iterator[Sample]]:
-    """("chat", samples) for a .json list or a .jsonl of chat records."""
+def chat_samples(path: str, image_root: str = "", lines: Optional[List[Tuple[int, dict]]] = None
+                 ) -> Tuple[str, Iterator[Sample]]:
+    """("chat", samples) for a .json list or a .jsonl of chat records (`lines`: the .jsonl's records
+    when already read)."""
     if path.endswith(".json"):
         try:
             with open(path) as f:
@@ -170,7 +172,7 @@ def chat_samples(path: str, image_root: str = "") -> Tuple[str, Iterator[Sample]
             raise ShardInputError(f"{path}: expected a JSON list of records (LLaVA-Instruct / ShareGPT layout)")
         numbered = [(f"record {i}", r) for i, r in enumerate(records)]
     else:
-        numbered = [(f"line {n}", r) for n, r in _jsonl_records(path)]
+        numbered = [(f"line {n}", r) for n, r in (_jsonl_records(path) if lines is None else lines)]
     if not numbered:
         raise ShardInputError(f"{path}: no records")
     root = image_root or os.path.dirname(os.path.abspath(path))
@@ -196,10 +198,11 @@ def _jsonl_records(path: str) -> List[Tuple[int, dict]]:
     return docs
 
 
-def jsonl_samples(path: str) -> Tuple[str, Iterator[Sample]]:
+def jsonl_samples(path: str, docs: Optional[List[Tuple[int, dict]]] = None) -> Tuple[str, Iterator[Sample]]:
     """(kind, samples) for a jsonl of interleaved or storyboard documents (one kind per file, set by
-    the first document: text_list -> interleaved, frames -> video_interleaved)."""
-    docs = _jsonl_records(path)
+    the first document: text_list -> interleaved, frames -> video_interleaved); `docs`: its records
+    when already read."""
+    docs = _jsonl_records(path) if docs is None else docs
     if not docs:
         raise ShardInputError(f"{path}: no documents")
     first = docs[0][1]
@@ -212,17 +215,9 @@ def jsonl_samples(path: str) -> Tuple[str, Iterator[Sample]]:
     return kind, (make(f"{i:06d}", doc, root, f"{path} line {n}") for i, (n, doc) in enumerate(docs))
 
 
-def _holds_chat(path: str) -> bool:
-    """A .json file, or a .jsonl whose first record has `conversations` or `messages`."""
-    if path.endswith(".json"):
-        return True
-    try:
-        with open(path) as f:
-            first = next((line for line in f if line.strip()), "")
-        record = json.loads(first)
-    except (OSError, ValueError):
-        return False  # jsonl_samples names the problem
-    return isinstance(record, dict) and ("conversations" in record or "messages" in record)
+def _holds_chat(lines: List[Tuple[int, dict]]) -> bool:
+    """Whether a .jsonl's first record has `conversations` or `messages` (a chat file)."""
+    return bool(lines) and ("conversations" in lines[0][1] or "messages" in lines[0][1])
 
 
 def write_shards(samples: Iterator[Sample], pattern: str, max_samples: int) -> List[str]:
@@ -272,10 +267,14 @@ def main(argv=None) -> List[str]:
         parser.error("out needs a %d field (e.g. out/laion-%06d.tar)")
     if os.path.isdir(args.source):
         kind, samples = folder_samples(args.source)
-    elif args.format != "auto" or _holds_chat(args.source):
+    elif args.source.endswith(".json"):
         kind, samples = chat_samples(args.source, args.image_root)
     else:
-        kind, samples = jsonl_samples(args.source)
+        lines = _jsonl_records(args.source)
+        if args.format != "auto" or _holds_chat(lines):
+            kind, samples = chat_samples(args.source, args.image_root, lines)
+        else:
+            kind, samples = jsonl_samples(args.source, lines)
     paths = write_shards(samples, args.out, args.max_samples)
     print(f"{kind}: wrote {len(paths)} shard(s): {', '.join(paths)}")
     return paths
