@@ -16,6 +16,7 @@ from typing import Dict, List
 import numpy as np
 
 from emu_mc.evaluate import paper
+from emu_mc.evaluate.clip_score import check_clip_dir
 from emu_mc.evaluate.datasets import Example, check_media
 from emu_mc.evaluate.predictions import RankWriter, read_finished, shard, write_merged
 from emu_mc.evaluate.prompts import build_request, choose_shots
@@ -85,9 +86,8 @@ def load_task(args):
         if not args.inception or not os.path.isfile(args.inception):
             raise GenerationInputError(f"--inception {args.inception}: a local TorchScript Inception file is needed "
                                        "for FID (fid.py); nothing is downloaded at run time")
-        if args.clip and not os.path.isdir(args.clip):
-            raise GenerationInputError(f"--clip {args.clip}: not a directory (a local Hugging Face CLIPModel "
-                                       "directory; nothing is downloaded at run time)")
+        if args.clip:
+            check_clip_dir(args.clip)
     check_media(examples)
     return task, examples
 

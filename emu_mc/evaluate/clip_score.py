@@ -15,13 +15,18 @@ import torch
 from emu_mc.inference.settings import GenerationInputError
 
 
+def check_clip_dir(path: str) -> None:
+    """GenerationInputError unless `path` is a directory (checked before any generation runs)."""
+    if not os.path.isdir(path):
+        raise GenerationInputError(f"--clip {path}: not a directory (a local Hugging Face CLIPModel directory is "
+                                   "needed for the CLIP score; nothing is downloaded at run time)")
+
+
 def load_clip(path: str, device: torch.device) -> Tuple[object, object, object]:
     """(model, tokenizer, image processor) from a local CLIPModel directory, eval mode on `device`."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    if not os.path.isdir(path):
-        raise GenerationInputError(f"--clip {path}: not a directory (a local Hugging Face CLIPModel directory is "
-                                   "needed for the CLIP score; nothing is downloaded at run time)")
+    check_clip_dir(path)
     try:
         model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
         tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
