@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything only a GPU can show, in one run that fits a short GPU lease (budget: 9 minutes on one H100):
-# the kernel tests compiled on the GPU (bf16/fp16/fp32), then the benchmarks, in priority order. Each
+# the open work first (the loss benchmark with its profile), then the kernel tests compiled on the GPU
+# (bf16/fp16/fp32) and the benchmarks, in priority order. Each
 # step has its own timeout and writes its results as soon as it ends; the last lines are one summary
 # table. Results: benchmarks/results/*_<gpu>.{json,txt} (gpu = h100, h200, ...), plus the log; with
 # $OUT set (a remote run), the log and a tarball of this run's results are copied there as well.
@@ -37,14 +38,14 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 12")
 # name | timeout (s) | command, in priority order. {tag} becomes the GPU tag (h100, h200, ...).
 STEPS=(
   "environment|10|nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
+  "loss-bench|75|$PY benchmarks/loss_bench.py --rows 4096 16384 --vocab 32000 --profile ours eager --out $RESULTS/loss_bench_{tag}.json"
   "kernel-tests|115|$PY -m pytest tests/kernels -q -ra -p no:cacheprovider -p no:benchmark $XDIST --durations=8 --junitxml=$RESULTS/kernel_tests_{tag}.xml"
+  "generate-bench|40|$PY benchmarks/generate_bench.py --batch-sizes 1 --new-tokens 16 --reps 1 --out $RESULTS/generate_bench_{tag}.json"
+  "decoder-bench|65|$PY benchmarks/decoder_bench.py --steps 4 --out $RESULTS/decoder_bench_{tag}.json"
   "resampler-bench|55|$PY benchmarks/resampler_bench.py --batch 1024 --out $RESULTS/resampler_bench_{tag}.json"
-  "loss-bench|60|$PY benchmarks/loss_bench.py --rows 4096 16384 --vocab 32000 --out $RESULTS/loss_bench_{tag}.json"
   "attention-bench|40|$PY benchmarks/attention_bench.py --out $RESULTS/attention_bench_{tag}.json"
   "train-bench-1b|110|$PY benchmarks/train_bench.py --config configs/bench_1b.yaml --steps 8 --warmup 3 --variants fused fused-local-attn --profile-step 6 --out $RESULTS/train_bench_{tag}.json"
-  "generate-bench|40|$PY benchmarks/generate_bench.py --batch-sizes 1 --new-tokens 16 --reps 1 --out $RESULTS/generate_bench_{tag}.json"
-  "resampler-tune|45|$PY benchmarks/resampler_tune.py --out $RESULTS/resampler_tune_bench_{tag}.json"
-  "decoder-bench|65|$PY benchmarks/decoder_bench.py --steps 4 --out $RESULTS/decoder_bench_{tag}.json"
+  "resampler-tune|30|$PY benchmarks/resampler_tune.py --out $RESULTS/resampler_tune_bench_{tag}.json"
 )
 
 selected() { [ -z "$ONLY" ] || [[ $ONLY == *",$1,"* ]]; }
