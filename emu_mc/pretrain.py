@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from emu_mc.config import Config, ConfigError, config_to_dict, load_config
+from emu_mc.data.remote import without_credentials
 from emu_mc.profiling import maybe_profile
 from emu_mc.model.document_attention import resolve_attention_impl
 from emu_mc.run_loop import (EXIT_CONFIG, RunLoop, all_reduce_sum, count_nonfinite, next_batches, report,
@@ -136,7 +137,7 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     def save(step: int) -> None:
         checkpointer.save(step, training_state(model_chunks, optimizer, optimizer_format),
                           {"rng": capture_rng_state(), "data": loader.state_dict(), "counters": dict(counters)},
-                          {"config": config_to_dict(cfg), "tp": dims.tp, "pp": dims.pp, "dp": dims.dp,
+                          {"config": without_credentials(config_to_dict(cfg)), "tp": dims.tp, "pp": dims.pp, "dp": dims.dp,
                            "optimizer_format": optimizer_format, "vocab_size": vocab_size, **base})
 
     start_step, latest = 0, checkpointer.latest()

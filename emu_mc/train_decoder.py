@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from emu_mc.config import ConfigError
 from emu_mc.config_docs import HelpConfigAction
+from emu_mc.data.remote import redact, without_credentials
 from emu_mc.decoder.config import DecoderJobConfig, decoder_config_to_dict, load_decoder_config
 from emu_mc.decoder.parallel import clip_grad_norm, full_tensor, wrap_unet
 from emu_mc.pretrain import setup_logging
@@ -226,7 +227,7 @@ def check_same_data(path: str, saved: dict, cfg: DecoderJobConfig) -> None:
     def stream(data: dict) -> str:
         if data.get("precomputed"):
             return f"precomputed conditions in {data['precomputed']}"
-        return f"online conditions from the shards {[(s['shards'], s['weight']) for s in data['sources']]}"
+        return f"online conditions from the shards {[(redact(s['shards']), s['weight']) for s in data['sources']]}"
 
     current = decoder_config_to_dict(cfg)["data"]
     then, now = stream(saved), stream(current)
@@ -249,7 +250,7 @@ def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
         checkpointer.save(step, sharded(run.tensors(), rank),
                           {"rng": capture_rng_state(), "generator": run.generator.get_state(),
                            "data": loader.state_dict(), "counters": dict(counters)},
-                          {"config": decoder_config_to_dict(cfg), "stage": "decoder", "tp": 1, "pp": 1, "dp": world})
+                          {"config": without_credentials(decoder_config_to_dict(cfg)), "stage": "decoder", "tp": 1, "pp": 1, "dp": world})
 
     start_step, latest = 0, checkpointer.latest()
     if latest is not None:

@@ -32,7 +32,7 @@ from emu_mc.data.decode import make_decoder
 from emu_mc.data.document import Document, DocumentBuilder, make_encoder
 from emu_mc.data.errors import TIMEOUT, UNEXPECTED, DataError, SampleError
 from emu_mc.data.packing import Packer
-from emu_mc.data.remote import RemoteOptions, is_remote, missing_extra
+from emu_mc.data.remote import RemoteOptions, is_remote, missing_extra, redact
 from emu_mc.data.shards import (SampleRef, ShardIndex, expand_part, index_shard_within, pattern_parts,
                                 read_sample)
 from emu_mc.data.stream import SourceStream
@@ -129,7 +129,7 @@ def source_shards(cfg: Config, open_first: bool = False) -> List[List[str]]:
                 raise ConfigError(f"{field_name}: {part!r} matches no existing file{where}")
             shards.extend(specs)
         if not shards:
-            raise ConfigError(f"{field_name}: {src.shards!r} names no shard")
+            raise ConfigError(f"{field_name}: {redact(src.shards)!r} names no shard")
         if open_first and src.weight > 0:
             _check_first_shard(field_name, shards[0], cfg)
         out.append(shards)
@@ -140,8 +140,9 @@ def _check_first_shard(field_name: str, shard: str, cfg: Config) -> None:
     """data.check_remote: the source's first shard opens and holds a sample (remote ones are fetched)."""
     index = index_shard_within(shard, cfg.data.sample_timeout_s, remote=remote_options(cfg))
     if not index.samples:
-        raise ConfigError(f"{field_name}: data.check_remote: the first shard {shard} is not usable: {index.error or 'no samples'}")
-    log.info("data: check_remote: %s holds %d samples", shard, len(index.samples))
+        raise ConfigError(f"{field_name}: data.check_remote: the first shard {index.name} is not usable: "
+                          f"{index.error or 'no samples'}")
+    log.info("data: check_remote: %s holds %d samples", index.name, len(index.samples))
 
 
 class WebDatasetLoader:
@@ -193,24 +194,24 @@ class WebDatasetLoader:
 
     # -- reading
     def _bad_shard(self, index: ShardIndex) -> None:
-        if index.path not in self.bad_shards:
-            log.warning("data: shard %s: %s (%d readable samples used)", index.path, index.error, len(index.samples))
-        self.bad_shards[index.path] = index.error
-        self.bad_shard_reasons[index.path] = index.reason
+        if index.name not in self.bad_shards:
+            log.warning("data: shard %s: %s (%d readable samples used)", index.name, index.error, len(index.samples))
+        self.bad_shards[index.name] = index.error
+        self.bad_shard_reasons[index.name] = index.reason
 
     def _load(self, kind: str, index: ShardIndex, ref: SampleRef) -> Loaded:
         try:
-            return self.builder(kind, read_sample(index.source, ref)), index.path, ref.key
+            return self.builder(kind, read_sample(index.source, ref)), index.name, ref.key
         except SampleError as e:
-            return e, index.path, ref.key
+            return e, index.name, ref.key
         except Exception as e:  # a bug or a library failure on odd bytes: skip the sample, never the run
-            return SampleError(UNEXPECTED, f"{type(e).__name__}: {e}"), index.path, ref.key
+            return SampleError(UNEXPECTED, f"{type(e).__name__}: {e}"), index.name, ref.key
 
     def _submit(self, k: int) -> None:
         stream = self.streams[k]
         position = stream.position
         index, ref = stream.next_ref()
-        self.pending[k].append((position, self.pool.submit(self._load, stream.kind, index, ref), index.path, ref.key))
+        self.pending[k].append((position, self.pool.submit(self._load, stream.kind, index, ref), index.name, ref.key))
 
     def _take(self, k: int) -> Loaded:
         """Source k's next loaded sample, in stream order; keeps `prefetch` samples in flight."""

@@ -8,10 +8,13 @@ creation), so its disk space is freed when the last reader drops it, even after 
 A copy that fails (connection refused or dropped, HTTP error, non-zero exit of the pipe command, a
 short body) or stalls (no byte for `timeout_s`) is retried `retries` times with exponential backoff,
 then given up: the caller counts the shard as bad under the reason given here. Credentials are
-whatever the pipe command or fsspec uses (environment, ~/.aws, gcloud auth); emu_mc stores none.
+whatever the pipe command or fsspec uses (environment, ~/.aws, gcloud auth); emu_mc stores none, and
+logs and messages name a shard by `redact(spec)`: a presigned URL's signature, a password in a URL or a
+bearer token in a pipe command never reaches a log.
 """
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -45,6 +48,30 @@ def scheme(spec: str) -> Optional[str]:
     if sep and head in FSSPEC_EXTRAS:
         return head
     return None
+
+
+_URL_SECRETS = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/?#@\s'\"]*@)?"
+                          r"(?P<path>[^?#\s'\"]*)(?P<query>\?[^#\s'\"]*)?")
+_AUTH_HEADER = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s'\"]+")
+
+
+def redact(text: str) -> str:
+    """`text` (a shard spec, a pipe command, an error message) as logs may show it: in every URL the
+    user:password@ part becomes ***@ and each query value *** (presigned S3 / GCS / Azure SAS URLs
+    carry their credentials there), and the credentials after Bearer / Basic (an Authorization header) ***."""
+    def url(m: re.Match) -> str:
+        query = m["query"] and re.sub(r"=[^&]*", "=***", m["query"])
+        return m["scheme"] + ("***@" if m["userinfo"] else "") + m["path"] + (query or "")
+    return _AUTH_HEADER.sub(lambda m: m[1] + m[2] + "***", _URL_SECRETS.sub(url, text))
+
+
+def without_credentials(config: dict) -> dict:
+    """A copy of a config dict (config_to_dict, decoder_config_to_dict) with each data.sources[i].shards
+    redacted: what a checkpoint records, so that its metadata holds no signature and a resume with
+    freshly signed URLs of the same objects reads as the same data."""
+    data = config.get("data") or {}
+    sources = [dict(s, shards=redact(s["shards"])) for s in data.get("sources") or []]
+    return dict(config, data=dict(data, sources=sources)) if sources else config
 
 
 def is_remote(spec: str) -> bool:
@@ -99,7 +126,7 @@ def _open(spec: str, timeout_s: float) -> Tuple[BinaryIO, Callable[[], None], Ca
             with stderr:
                 if proc.wait() != 0:
                     stderr.seek(0)
-                    last = stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:]
+                    last = redact(stderr.read().decode("utf-8", "replace")).strip().splitlines()[-1:]
                     raise RemoteError(REMOTE_FAILED, f"the pipe command exited with status {proc.returncode}"
                                                      + "".join(f": {line}" for line in last))
 

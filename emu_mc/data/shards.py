@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple, Union
 from braceexpand import braceexpand
 
 from emu_mc.data.errors import UNREADABLE_SAMPLE, SampleError
-from emu_mc.data.remote import RemoteError, RemoteOptions, SpooledShard, is_remote, spool
+from emu_mc.data.remote import RemoteError, RemoteOptions, SpooledShard, is_remote, redact, spool
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's rule (base_plus_ext)
 
@@ -73,6 +73,11 @@ class ShardIndex:
     def source(self) -> Union[str, SpooledShard]:
         """What read_sample reads the samples from."""
         return self.spool if self.spool is not None else self.path
+
+    @property
+    def name(self) -> str:
+        """`path` as logs and messages show it (remote.redact: without credentials)."""
+        return redact(self.path)
 
 
 def split_key(name: str) -> Optional[Tuple[str, str]]:

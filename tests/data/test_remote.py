@@ -134,6 +134,47 @@ def test_bad_remote_shards_are_skipped_and_counted_by_reason(server, data_cfg, t
     assert stats["bad_shards"][f"{server.url}/ok/image_text/missing.tar"] == "HTTP 404 Not Found (1 attempt(s))"
 
 
+@pytest.mark.parametrize("spec, shown", [
+    ("https://b.s3.amazonaws.com/s/{000..009}.tar?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab12",
+     "https://b.s3.amazonaws.com/s/{000..009}.tar?X-Amz-Credential=***&X-Amz-Signature=***"),
+    ("http://user:secret@host:8080/a.tar", "http://***@host:8080/a.tar"),
+    ("pipe:curl -s -H 'Authorization: Bearer sk-1' 'https://h/a.tar?sig=q%3D&se=1'",
+     "pipe:curl -s -H 'Authorization: Bearer ***' 'https://h/a.tar?sig=***&se=***'"),
+    ("pipe:aws s3 cp s3://bucket/a.tar -", "pipe:aws s3 cp s3://bucket/a.tar -"),
+    ("/data/laion/000001.tar", "/data/laion/000001.tar"),
+])
+def test_logs_show_shards_without_credentials(spec, shown):
+    assert remote.redact(spec) == shown
+
+
+def test_checkpoints_record_the_config_without_credentials():
+    from emu_mc.config import Config, SourceConfig, config_to_dict
+
+    cfg = Config()
+    cfg.data.sources = [SourceConfig(kind="image_text", shards="https://h/{0..9}.tar?X-Amz-Signature=ab12")]
+    recorded = remote.without_credentials(config_to_dict(cfg))
+    assert recorded["data"]["sources"][0]["shards"] == "https://h/{0..9}.tar?X-Amz-Signature=***"
+    assert config_to_dict(cfg)["data"]["sources"][0]["shards"].endswith("ab12")  # the run's own config untouched
+    assert {k: v for k, v in recorded.items() if k != "data"} == {k: v for k, v in config_to_dict(cfg).items()
+                                                                    if k != "data"}
+
+
+def test_a_signed_url_never_reaches_the_logs(server, data_cfg, tokenizer, special_ids, caplog):
+    """Presigned URLs (the test server ignores the query) read like plain ones; the bad ones' warnings,
+    the loader's stats and a failing pipe command's stderr name them without their signatures."""
+    signed = "?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=deadbeef"
+    shards = "::".join([f"{server.url}/ok/{LAION}{signed}", f"{server.url}/drop/{LAION}{signed}",
+                        f"{server.url}/ok/image_text/missing.tar{signed}"])
+    cfg = data_cfg([("image_text", shards, 1.0)], micro_batch_size=1, remote_retries=0, remote_timeout_s=0.5)
+    with caplog.at_level("INFO"):
+        loader = build_data_loader(cfg, tokenizer)
+        texts_and_images(loader, special_ids, 8)
+    assert len(loader.stats()["bad_shards"]) == 2 and "data: shard" in caplog.text
+    error = spool_error(f"pipe:echo 'GET https://h/a.tar{signed}: 403' >&2; exit 22", RemoteOptions(retries=0))
+    for text in (caplog.text, str(loader.stats()), str(error)):
+        assert "X-Amz-Signature=***" in text and "deadbeef" not in text and "AKIAEXAMPLE" not in text
+
+
 def test_remote_patterns_are_checked_without_reading_data(server, data_cfg, tokenizer, monkeypatch):
     bad_local = data_cfg([("image_text", f"{server.url}/ok/{LAION}::/no/such-{{0..3}}.tar", 1.0)])
     with pytest.raises(ConfigError, match=r"data.sources\[0\].shards: '/no/such-\{0..3\}.tar' matches no existing file"):
