@@ -330,15 +330,20 @@ def test_no_host_sync(device):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_and_replay(device):
+@pytest.mark.parametrize("with_text_index", [False, True])
+def test_cuda_graph_capture_and_replay(device, with_text_index):
     """Forward + backward captured in one CUDA graph, replayed on new values copied into the same input
-    buffers, gives what an eager call on those values gives (up to the algorithm cuBLAS picks)."""
+    buffers, gives what an eager call on those values gives (up to the algorithm cuBLAS picks); also
+    with text rows found before the capture (as the training loop passes them), covering the new
+    targets' text rows."""
     case = Case("mixed", 300, 256, 1000, 256, "some", 40, valid_vocab_size=990, dtype=torch.bfloat16)
     static = make_inputs(case, device, seed=0)
     leaves = (static[0], static[1], static[3])
+    text_index = torch.arange(case.N, device=device) if with_text_index else None
 
     def step():
-        total, ce, reg = mixed_ce_regression_loss(*static, valid_vocab_size=case.valid_vocab_size)
+        total, ce, reg = mixed_ce_regression_loss(*static, valid_vocab_size=case.valid_vocab_size,
+                                                  text_index=text_index)
         return [total.detach(), ce.detach(), reg.detach(), *torch.autograd.grad(total, leaves)]
 
     side = torch.cuda.Stream()
