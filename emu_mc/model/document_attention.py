@@ -1,8 +1,10 @@
 """Causal attention inside packed documents, without an S x S mask: the LLM's attention backends.
 
 A row packs documents back to back, then padding (emu_mc/batch.py: segment ids 0, 1, ..., then -1). A
-token attends to itself and the earlier tokens of its own document; the padding run is one more
-"document", so padding never attends outside it (as in the dense mask of `document_causal_mask`).
+token attends to itself and the earlier tokens of its own document; padding attends to padding only
+(each run on its own in sdpa and flash_varlen; with the same id -1, a right padding run also sees the
+left one in flex and the dense mask of `document_causal_mask`), so no document token sees padding and
+no softmax row is empty; padding outputs are never used.
 
 Every backend takes megatron's layout, q [S, B, Hq, D] and k, v [S, B, Hkv, D] (Hq a multiple of Hkv:
 grouped-query attention, never repeated in memory), and returns [S, B, Hq * D]:
@@ -116,7 +118,7 @@ class PackedDocuments:
 
 def check_segment_ids(segment_ids: torch.Tensor) -> None:
     """Each row: optional left padding (-1, as generation pads prompts), documents numbered in order
-    (non-decreasing ids >= 0), then only padding (-1). A padding run attends within itself only."""
+    (non-decreasing ids >= 0), then only padding (-1)."""
     left_padding = (segment_ids >= 0).long().cumsum(1) == 0
     order = torch.where((segment_ids < 0) & ~left_padding, torch.iinfo(torch.long).max, segment_ids)
     if segment_ids.shape[1] > 1 and bool((order[:, 1:] < order[:, :-1]).any()):
