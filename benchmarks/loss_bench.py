@@ -154,12 +154,13 @@ def graphed(loss, inputs):
     return replay, pool_mib
 
 
-def measure(run, want, cuda, reps):
-    """{"ms", "peak_mib", "abs_err"} of run() -> total (0-dim tensor), the first call also its warm-up."""
+def measure(run, want, cuda, reps, peak=None):
+    """{"ms", "peak_mib", "abs_err"} of run() -> total (0-dim tensor), the first call also its warm-up;
+    `peak`: the MiB to report instead of measuring run's (a graph allocated everything at capture)."""
     err = abs(run().item() - want)
     # ~10 timed calls at N = 16384 (2 at the former 50 ms spread eager 30.5-31.7 ms over H100 runs)
-    return {"ms": time_ms(run, cuda, reps, warmup_ms=25, rep_ms=250), "peak_mib": peak_mib(run, cuda),
-            "abs_err": err}
+    return {"ms": time_ms(run, cuda, reps, warmup_ms=25, rep_ms=250),
+            "peak_mib": peak_mib(run, cuda) if peak is None else peak, "abs_err": err}
 
 
 def runners(impls, inputs, cuda):
@@ -178,10 +179,8 @@ def bench_case(N, V, H, impls, dtype, cuda, device, reps):
     for name, setup in runners(impls, inputs, cuda):
         row = {"N": N, "V": V, "H": H, "impl": name}
         try:
-            run, setup_mib = setup()
-            row |= measure(run, want, cuda, reps)
-            if setup_mib is not None:
-                row["peak_mib"] = setup_mib
+            run, peak = setup()
+            row |= measure(run, want, cuda, reps, peak)
         except Exception as exc:  # an alternative that cannot run here (e.g. out of memory) is reported
             if cuda:
                 torch.cuda.empty_cache()
@@ -211,7 +210,8 @@ def profile_tables(loss, inputs, trace_path=None, top=15):
     kernels = EventList([e for e in prof.key_averages() if e.device_type == DeviceType.CUDA])
     ops = EventList([e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")
                      and e.device_time_total > 0])
-    return "\n".join(events.table(sort_by=key, row_limit=top, max_name_column_width=70, max_shapes_column_width=90)
+    return "\n".join(events.table(sort_by=key, row_limit=top, max_name_column_width=70,
+                                  max_shapes_column_width=90)
                      for events, key in ((kernels, "self_device_time_total"), (ops, "device_time_total")))
 
 
@@ -275,6 +275,7 @@ def main():
         with open(f"{base}_profile.txt", "w") as f:
             f.write(text)
         print(f"wrote {base}_profile.txt and the Chrome traces {base}_trace_*.json")
+
 
 if __name__ == "__main__":
     main()

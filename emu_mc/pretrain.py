@@ -137,8 +137,8 @@ def _train_loop(cfg: Config, dims, model_chunks, optimizer, loader, vocab_size: 
     def save(step: int) -> None:
         checkpointer.save(step, training_state(model_chunks, optimizer, optimizer_format),
                           {"rng": capture_rng_state(), "data": loader.state_dict(), "counters": dict(counters)},
-                          {"config": without_credentials(config_to_dict(cfg)), "tp": dims.tp, "pp": dims.pp, "dp": dims.dp,
-                           "optimizer_format": optimizer_format, "vocab_size": vocab_size, **base})
+                          {"config": without_credentials(config_to_dict(cfg)), "tp": dims.tp, "pp": dims.pp,
+                           "dp": dims.dp, "optimizer_format": optimizer_format, "vocab_size": vocab_size, **base})
 
     start_step, latest = 0, checkpointer.latest()
     if latest is not None:

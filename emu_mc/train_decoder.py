@@ -250,7 +250,8 @@ def _train_loop(cfg: DecoderJobConfig, run: DecoderRun, loader) -> dict:
         checkpointer.save(step, sharded(run.tensors(), rank),
                           {"rng": capture_rng_state(), "generator": run.generator.get_state(),
                            "data": loader.state_dict(), "counters": dict(counters)},
-                          {"config": without_credentials(decoder_config_to_dict(cfg)), "stage": "decoder", "tp": 1, "pp": 1, "dp": world})
+                          {"config": without_credentials(decoder_config_to_dict(cfg)), "stage": "decoder",
+                           "tp": 1, "pp": 1, "dp": world})
 
     start_step, latest = 0, checkpointer.latest()
     if latest is not None:

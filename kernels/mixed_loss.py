@@ -255,7 +255,7 @@ _CHUNK_ROWS_INTERPRETER = 32  # small test shapes span several chunks
 _BLOCK_V_INTERPRETER = 128  # ... and several vocab blocks per row
 
 
-def _chunk_rows(num_rows: int, v_local: int, element_size: int, device: torch.device) -> int:
+def _chunk_rows(v_local: int, element_size: int, device: torch.device) -> int:
     """Rows per chunk: logits within _CHUNK_BYTES_CUDA (a multiple of 128 rows, >= 128) on CUDA."""
     if device.type != "cuda":
         return _CHUNK_ROWS_INTERPRETER
@@ -288,10 +288,11 @@ def _cross_entropy_chunks(hidden, lm_weight, targets, ignore_index, vocab_start,
     [V_local, H] with d(sum of CE)/d W, both in the input dtype, unscaled (not divided by the number
     of valid rows)."""
     num_rows, v_local = hidden.shape[0] if text_index is None else text_index.numel(), lm_weight.shape[0]
-    chunk = max(1, min(num_rows, _chunk_rows(num_rows, v_local, hidden.element_size(), hidden.device)))
+    chunk = max(1, min(num_rows, _chunk_rows(v_local, hidden.element_size(), hidden.device)))
     meta = _row_kernel_meta(v_local, hidden.device)
     logits_buffer = hidden.new_empty(chunk, v_local)
     ce_rows = hidden.new_empty(num_rows, dtype=torch.float32)
+    write_grad = grad_hidden is not None or grad_lm_weight is not None
     for begin in range(0, num_rows, chunk):
         end = min(begin + chunk, num_rows)
         if text_index is None:
@@ -300,7 +301,6 @@ def _cross_entropy_chunks(hidden, lm_weight, targets, ignore_index, vocab_start,
             rows = text_index[begin:end]
             rows_hidden, rows_targets = hidden.index_select(0, rows), targets.index_select(0, rows)
         logits = torch.mm(rows_hidden, lm_weight.t(), out=logits_buffer[:end - begin])  # [rows, V_local]
-        write_grad = grad_hidden is not None or grad_lm_weight is not None
         if tp_group is None:
             _launch(_row_ce_kernel, (end - begin,), logits, rows_targets, ce_rows[begin:end], logits.stride(0),
                     ignore_index, V=v_local, V_VALID=v_valid, WRITE_GRAD=write_grad, **meta)

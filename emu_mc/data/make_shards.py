@@ -156,10 +156,10 @@ def chat_sample(key: str, record: dict, root: str, where: str) -> Sample:
     return sample
 
 
-def chat_samples(path: str, image_root: str = "", lines: Optional[List[Tuple[int, dict]]] = None
+def chat_samples(path: str, image_root: str = "", records: Optional[List[Tuple[int, dict]]] = None
                  ) -> Tuple[str, Iterator[Sample]]:
-    """("chat", samples) for a .json list or a .jsonl of chat records (`lines`: the .jsonl's records
-    when already read)."""
+    """("chat", samples) for a .json list or a .jsonl of chat records (`records`: the .jsonl's, when
+    already read by `_jsonl_records`)."""
     if path.endswith(".json"):
         try:
             with open(path) as f:
@@ -172,7 +172,7 @@ def chat_samples(path: str, image_root: str = "", lines: Optional[List[Tuple[int
             raise ShardInputError(f"{path}: expected a JSON list of records (LLaVA-Instruct / ShareGPT layout)")
         numbered = [(f"record {i}", r) for i, r in enumerate(records)]
     else:
-        numbered = [(f"line {n}", r) for n, r in (_jsonl_records(path) if lines is None else lines)]
+        numbered = [(f"line {n}", r) for n, r in (_jsonl_records(path) if records is None else records)]
     if not numbered:
         raise ShardInputError(f"{path}: no records")
     root = image_root or os.path.dirname(os.path.abspath(path))
@@ -198,11 +198,11 @@ def _jsonl_records(path: str) -> List[Tuple[int, dict]]:
     return docs
 
 
-def jsonl_samples(path: str, docs: Optional[List[Tuple[int, dict]]] = None) -> Tuple[str, Iterator[Sample]]:
+def jsonl_samples(path: str, records: Optional[List[Tuple[int, dict]]] = None) -> Tuple[str, Iterator[Sample]]:
     """(kind, samples) for a jsonl of interleaved or storyboard documents (one kind per file, set by
-    the first document: text_list -> interleaved, frames -> video_interleaved); `docs`: its records
-    when already read."""
-    docs = _jsonl_records(path) if docs is None else docs
+    the first document: text_list -> interleaved, frames -> video_interleaved); `records`: its records
+    when already read by `_jsonl_records`."""
+    docs = _jsonl_records(path) if records is None else records
     if not docs:
         raise ShardInputError(f"{path}: no documents")
     first = docs[0][1]
@@ -215,9 +215,9 @@ def jsonl_samples(path: str, docs: Optional[List[Tuple[int, dict]]] = None) -> T
     return kind, (make(f"{i:06d}", doc, root, f"{path} line {n}") for i, (n, doc) in enumerate(docs))
 
 
-def _holds_chat(lines: List[Tuple[int, dict]]) -> bool:
+def _holds_chat(records: List[Tuple[int, dict]]) -> bool:
     """Whether a .jsonl's first record has `conversations` or `messages` (a chat file)."""
-    return bool(lines) and ("conversations" in lines[0][1] or "messages" in lines[0][1])
+    return bool(records) and ("conversations" in records[0][1] or "messages" in records[0][1])
 
 
 def write_shards(samples: Iterator[Sample], pattern: str, max_samples: int) -> List[str]:
@@ -270,11 +270,11 @@ def main(argv=None) -> List[str]:
     elif args.source.endswith(".json"):
         kind, samples = chat_samples(args.source, args.image_root)
     else:
-        lines = _jsonl_records(args.source)
-        if args.format != "auto" or _holds_chat(lines):
-            kind, samples = chat_samples(args.source, args.image_root, lines)
+        records = _jsonl_records(args.source)
+        if args.format != "auto" or _holds_chat(records):
+            kind, samples = chat_samples(args.source, args.image_root, records)
         else:
-            kind, samples = jsonl_samples(args.source, lines)
+            kind, samples = jsonl_samples(args.source, records)
     paths = write_shards(samples, args.out, args.max_samples)
     print(f"{kind}: wrote {len(paths)} shard(s): {', '.join(paths)}")
     return paths

@@ -6,6 +6,7 @@ lower-cased); consecutive members with the same key form one sample. The index k
 byte offset, so a sample can be read (and a run resumed) without scanning the shard again. Remote
 shards (`pipe:`, http(s), s3/gs: emu_mc/data/remote.py) are first spooled to local disk.
 """
+import functools
 import glob
 import os
 import re
@@ -74,9 +75,10 @@ class ShardIndex:
         """What read_sample reads the samples from."""
         return self.spool if self.spool is not None else self.path
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
-        """`path` as logs and messages show it (remote.redact: without credentials)."""
+        """`path` as logs and messages show it (remote.redact: without credentials); found once per shard,
+        not per sample."""
         return redact(self.path)
 
 

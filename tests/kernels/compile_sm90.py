@@ -65,7 +65,7 @@ def mixed_loss_launches(shapes):
     launches = []
     cuda = torch.device("cuda")
     chunk_rows, row_kernel_meta = ml._chunk_rows, ml._row_kernel_meta
-    ml._chunk_rows = lambda rows, v_local, element_size, device: chunk_rows(rows, v_local, element_size, cuda)
+    ml._chunk_rows = lambda v_local, element_size, device: chunk_rows(v_local, element_size, cuda)
     ml._row_kernel_meta = lambda v_local, device: row_kernel_meta(v_local, cuda)
     ml._launch = lambda kernel, grid, *args, **meta: Recorder(kernel, launches)[grid](*args, **meta)
     ml._combine_over_ranks = lambda stats, group: None

@@ -179,7 +179,7 @@ def test_cuda_configuration(device, monkeypatch):
     cuda = torch.device("cuda")
     chunk_rows, row_kernel_meta = ml._chunk_rows, ml._row_kernel_meta
     monkeypatch.setattr(ml, "_CHUNK_BYTES_CUDA", 128 * 5000 * 4)
-    monkeypatch.setattr(ml, "_chunk_rows", lambda rows, v_local, element_size, _: chunk_rows(rows, v_local, 4, cuda))
+    monkeypatch.setattr(ml, "_chunk_rows", lambda v_local, element_size, _: chunk_rows(v_local, 4, cuda))
     monkeypatch.setattr(ml, "_row_kernel_meta", lambda v_local, _: row_kernel_meta(v_local, cuda))
     check_case(Case("cuda_configuration", 300, 64, 5000, 64, "some", 30, valid_vocab_size=4990), device)
 
