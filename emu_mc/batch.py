@@ -5,7 +5,7 @@ A row of `input_ids` holds one or more documents packed back to back, each
 whole batch are stacked in order of appearance (row 0 left to right, then row 1, ...), so the k-th
 `[IMG]` block of the batch takes `images[k]`. Text and regression targets are derived from
 `input_ids` and `segment_ids` by the model (emu_mc/model/targets.py), not stored here (the training loop
-adds the positions that have them, found on the host: `text_rows`, `regression_rows`); `loss_mask`
+adds them, found on the host: `text_targets`, `text_rows`, `regression_rows`); `loss_mask`
 (chat data) narrows them to the tokens that are targets: a text target or a regression target counts
 only where the token it predicts has loss_mask True.
 """
@@ -26,10 +26,12 @@ class Batch:
     # [B, S] bool: the token may be a target (chat: the assistant's answers and their </s>; every token
     # of a pretraining document; never padding); None = every token (a batch without chat documents).
     loss_mask: Optional[torch.Tensor] = None
-    # [T] / [R] long, s-major flat positions (s * B + b) with a text target / a regression target, found
-    # on the host before the batch moves to the GPU (emu_mc.model.targets.with_loss_rows), so that the
-    # model's loss does not wait on the GPU for them; None: the CE runs over every row and the model
-    # finds the regression rows itself
+    # Found on the host before the batch moves to the GPU (emu_mc.model.targets.with_loss_rows), so that
+    # the model's loss neither computes them again nor waits on the GPU for them; None: the model finds
+    # them itself (the CE then runs over every row). In s-major flat order (s * B + b):
+    # text_targets [B * S] long, the next-token targets (IGNORE_INDEX where none);
+    # text_rows [T] / regression_rows [R] long, the positions with a text / a regression target
+    text_targets: Optional[torch.Tensor] = None
     text_rows: Optional[torch.Tensor] = None
     regression_rows: Optional[torch.Tensor] = None
 

@@ -32,7 +32,7 @@ from emu_mc.config import ModelConfig
 from emu_mc.model.llm import build_llm, llm_hidden_states, output_weight, padded_vocab_size, transformer_config
 from emu_mc.model.loss import mixed_loss_fn
 from emu_mc.model.resampler import CausalResampler
-from emu_mc.model.targets import IGNORE_INDEX, check_image_blocks, regression_rows, text_targets
+from emu_mc.model.targets import IGNORE_INDEX, check_image_blocks, flat_text_targets, regression_rows
 from emu_mc.model.vision import VisionTransformer
 from emu_mc.tokenizer import SpecialTokenIds
 
@@ -191,7 +191,7 @@ class EmuModel(MegatronModule):
         over TP; the loss sums the regression head's gradient over the ranks itself. Values and
         gradients equal the TP=1 ones.
         """
-        targets = text_targets(batch.input_ids, batch.segment_ids, self.ids, batch.loss_mask).t().reshape(-1)
+        targets = flat_text_targets(batch, self.ids) if batch.text_targets is None else batch.text_targets
         tp_group = None
         flat = hidden.reshape(-1, hidden.shape[-1])
         if self.tp_size > 1:

@@ -50,10 +50,9 @@ def regression_mask(input_ids: torch.Tensor, ids: SpecialTokenIds, loss_mask: Op
     return mask if loss_mask is None else mask & ~_next_masked(loss_mask)
 
 
-def text_rows(batch: Batch, ids: SpecialTokenIds) -> torch.Tensor:
-    """[T] long: the s-major flat positions (s * B + b) whose next token is a text target."""
-    targets = text_targets(batch.input_ids, batch.segment_ids, ids, batch.loss_mask)
-    return (targets.t().reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+def flat_text_targets(batch: Batch, ids: SpecialTokenIds) -> torch.Tensor:
+    """[B * S] long: `text_targets` in s-major flat order (s * B + b), the loss's row order."""
+    return text_targets(batch.input_ids, batch.segment_ids, ids, batch.loss_mask).t().reshape(-1)
 
 
 def regression_rows(batch: Batch, ids: SpecialTokenIds) -> torch.Tensor:
@@ -62,8 +61,12 @@ def regression_rows(batch: Batch, ids: SpecialTokenIds) -> torch.Tensor:
 
 
 def with_loss_rows(batch: Batch, ids: SpecialTokenIds) -> Batch:
-    """The batch (on the host, before it moves to the GPU) with `text_rows` and `regression_rows` set."""
-    return dataclasses.replace(batch, text_rows=text_rows(batch, ids), regression_rows=regression_rows(batch, ids))
+    """The batch (on the host, before it moves to the GPU) with `text_targets`, `text_rows` and
+    `regression_rows` set."""
+    targets = flat_text_targets(batch, ids)
+    return dataclasses.replace(batch, text_targets=targets,
+                               text_rows=(targets != IGNORE_INDEX).nonzero().squeeze(1),
+                               regression_rows=regression_rows(batch, ids))
 
 
 def check_image_blocks(input_ids: torch.Tensor, num_images: int, num_queries: int, ids: SpecialTokenIds) -> None:
